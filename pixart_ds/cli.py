@@ -1,0 +1,243 @@
+"""`pixart-ds <verb>`: parse arguments, build the config, call the library. No logic of its own.
+
+Library modules are imported lazily inside each verb so `pixart-ds --help` is fast and a verb's heavy
+dependencies (deepspeed, streaming, transformers) load only when that verb runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train(a):
+    from pixart_ds import config
+    from pixart_ds.train.trainer import fit
+
+    cfg = config.load(a.recipe, a.overrides)
+    return fit(cfg, allow_config_change=a.allow_config_change)
+
+
+def _demo(a):
+    from pixart_ds.train.demo import run_demo
+
+    return run_demo(out_dir=a.out, small=a.small, world_size=a.ranks)
+
+
+def _sample(a):
+    from pixart_ds.diffusion.sampling import sample_cli
+
+    return sample_cli(
+        ckpt=a.ckpt, prompts=a.prompt, prompts_file=a.prompts_file, sampler=a.sampler, steps=a.steps,
+        guidance=a.guidance, seed=a.seed, resolution=a.resolution, aspect_ratio=a.aspect_ratio, out=a.out,
+        vae=a.vae, text_encoder=a.text_encoder, use_ema=not a.raw, device=a.device,
+    )
+
+
+def _export(a):
+    from pixart_ds.diffusion.pipeline import export_diffusers
+
+    return export_diffusers(ckpt=a.ckpt, out=a.out, vae=a.vae, text_encoder=a.text_encoder, use_ema=not a.raw)
+
+
+def _convert(a):
+    from pixart_ds.model.convert import convert_file
+
+    return convert_file(src=a.src, dst=a.dst, inp=a.input, out=a.output, reparam_t=a.reparam_t,
+                        resolution=a.resolution, model_json=a.model_json)
+
+
+def _model_info(a):
+    from pixart_ds.model.pixart import model_info
+
+    info = model_info(preset=a.preset, adaln=a.adaln, condition=a.condition, multi_scale=a.multi_scale)
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['preset']} adaln={info['adaln']} condition={info['condition']} "
+              f"multi_scale={info['multi_scale']}: {info['total']:,} trainable parameters")
+        for k, v in info["components"].items():
+            print(f"  {k:<24} {v:>14,}")
+        if info.get("note"):
+            print(info["note"])
+    return 0
+
+
+def _data(a):
+    from pixart_ds.data import convert as dconv
+
+    kw = dict(out=a.out, workers=a.workers, shard_size_limit=a.shard_size_limit)
+    if a.kind == "imagenet":
+        return dconv.imagenet(a.root, **kw)
+    if a.kind == "sam":
+        return dconv.sam(a.root, captions=a.captions, **kw)
+    if a.kind == "journeydb":
+        return dconv.journeydb(a.root, annotations=a.annotations, **kw)
+    if a.kind == "folder":
+        return dconv.folder(a.root, index=a.index, **kw)
+    if a.kind == "synthetic":
+        return dconv.synthetic(num_samples=a.num_samples, resolution=a.resolution, seed=a.seed, **kw)
+    raise SystemExit(f"unknown data kind {a.kind}")
+
+
+def _features(a):
+    from pixart_ds.data.features import extract_features
+
+    return extract_features(inp=a.inp, out=a.out, vae=a.vae, text_encoder=a.text_encoder, resolution=a.resolution,
+                            multi_scale=a.multi_scale, batch_size=a.batch_size, class_labels=a.class_labels)
+
+
+def _caption(a):
+    from pixart_ds.data.captions import caption_mds
+
+    return caption_mds(inp=a.inp, out=a.out, model=a.model, prompt=a.prompt, batch_size=a.batch_size,
+                       max_new_tokens=a.max_new_tokens)
+
+
+def _caption_stats(a):
+    from pixart_ds.data.captions import caption_stats_cli
+
+    return caption_stats_cli(files=[a.file] + ([a.compare] if a.compare else []), json_out=a.json)
+
+
+def _ckpt(a):
+    from pixart_ds.train.checkpoint import export_weights
+
+    if a.ckpt_verb == "export":
+        return export_weights(run_dir=a.run_dir, out=a.out, use_ema=not a.raw)
+    raise SystemExit(f"unknown ckpt verb {a.ckpt_verb}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pixart-ds", description="Train PixArt-alpha with DeepSpeed, Streaming and Slurm.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    s = sub.add_parser("train", help="train from a recipe (deepspeed / torchrun / srun / single process)")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the recipe changed since the checkpoint was written")
+    s.set_defaults(fn=_train)
+
+    s = sub.add_parser("demo", help="embedded dataset -> stage 1 -> stage 2 -> samples + alignment score")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--small", action="store_true", help="a reduced size for CI")
+    s.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (CPU processes or GPUs)")
+    s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("sample", help="generate images from a checkpoint")
+    s.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or weights file")
+    s.add_argument("--prompt", action="append", default=[])
+    s.add_argument("--prompts-file")
+    s.add_argument("--sampler", default="dpm-solver", choices=["dpm-solver", "ddim", "ddpm"])
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=4.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--aspect-ratio", default=None, help="e.g. 16:9 (multi-scale models)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--vae", default=None)
+    s.add_argument("--text-encoder", default=None)
+    s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=_sample)
+
+    s = sub.add_parser("export", help="write a diffusers PixArtAlphaPipeline folder")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--to", dest="fmt", choices=["diffusers"], default="diffusers")
+    s.add_argument("out")
+    s.add_argument("--vae", required=True)
+    s.add_argument("--text-encoder", required=True)
+    s.add_argument("--raw", action="store_true")
+    s.set_defaults(fn=_export)
+
+    s = sub.add_parser("convert", help="convert checkpoints: official / diffusers / dit / ours")
+    s.add_argument("--from", dest="src", required=True, choices=["official", "diffusers", "dit", "ours"])
+    s.add_argument("--to", dest="dst", required=True, choices=["official", "diffusers", "ours"])
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--reparam-t", type=int, default=500, help="DiT -> PixArt re-parameterization timestep")
+    s.add_argument("--resolution", type=int, default=None, help="image resolution (sets the positional embedding)")
+    s.add_argument("--model-json", default=None, help="model config JSON for formats that do not carry one")
+    s.set_defaults(fn=_convert)
+
+    s = sub.add_parser("model-info", help="parameter counts with a per-component breakdown")
+    s.add_argument("--preset", default="PixArt-XL/2")
+    s.add_argument("--adaln", default="single", choices=["single", "block"])
+    s.add_argument("--condition", default="text", choices=["text", "class"])
+    s.add_argument("--multi-scale", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_model_info)
+
+    s = sub.add_parser("data", help="convert a raw dataset to MDS shards")
+    dsub = s.add_subparsers(dest="kind", required=True)
+    for kind in ("imagenet", "sam", "journeydb", "folder", "synthetic"):
+        d = dsub.add_parser(kind)
+        if kind != "synthetic":
+            d.add_argument("root")
+        d.add_argument("--out", required=True)
+        d.add_argument("--workers", type=int, default=None)
+        d.add_argument("--shard-size-limit", type=int, default=1 << 26)
+        if kind == "sam":
+            d.add_argument("--captions", required=True, help="LLaVA captions: JSONL or CSV keyed by image id")
+        if kind == "journeydb":
+            d.add_argument("--annotations", required=True, help="JourneyDB annotation JSONL")
+        if kind == "folder":
+            d.add_argument("--index", default=None, help="one JSONL/CSV of (path, caption) instead of sidecars")
+        if kind == "synthetic":
+            d.add_argument("--num-samples", type=int, default=1024)
+            d.add_argument("--resolution", type=int, default=256)
+            d.add_argument("--seed", type=int, default=0)
+        d.set_defaults(fn=_data)
+
+    s = sub.add_parser("features", help="raw MDS -> feature MDS (VAE posterior + T5 tokens)")
+    s.add_argument("--in", dest="inp", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--vae", required=True)
+    s.add_argument("--text-encoder", default=None)
+    s.add_argument("--resolution", type=int, default=256, choices=[256, 512, 1024] + [32, 64, 128])
+    s.add_argument("--multi-scale", action="store_true")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--class-labels", action="store_true", help="stage 1: latents + class label, no text")
+    s.set_defaults(fn=_features)
+
+    s = sub.add_parser("caption", help="re-caption a raw MDS with LLaVA")
+    s.add_argument("--in", dest="inp", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", default="Describe this image and its style in a very detailed manner")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.set_defaults(fn=_caption)
+
+    s = sub.add_parser("caption-stats", help="the paper's Table-1 concept-density statistics")
+    s.add_argument("file")
+    s.add_argument("--compare", default=None)
+    s.add_argument("--json", default=None, help="also write the statistics as JSON here")
+    s.set_defaults(fn=_caption_stats)
+
+    s = sub.add_parser("ckpt", help="checkpoint tools")
+    csub = s.add_subparsers(dest="ckpt_verb", required=True)
+    c = csub.add_parser("export", help="consolidated EMA (or raw) weights as safetensors")
+    c.add_argument("run_dir")
+    c.add_argument("out")
+    c.add_argument("--raw", action="store_true")
+    c.set_defaults(fn=_ckpt)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pixart_ds.config import ConfigError
+
+    try:
+        rc = args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # One line naming the bad file/key/value; tracebacks only for bugs.
+        print(f"pixart-ds {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc) if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Frozen encoders through the libraries made for them: T5 (transformers) and the SD VAE (diffusers).
+
+Both load from local folders with `from_pretrained(..., local_files_only=True)`; nothing downloads at run time.
+`make_tiny_t5` / `make_tiny_vae` build small random ones with the same classes and file layout, for tests and the
+demo, so every caller goes through the real loading path.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+MAX_TEXT_TOKENS = 120  # paper §2.4: 120 T5 tokens instead of CLIP's 77
+VAE_SCALE = 0.18215  # SD's sd-vae-ft-ema latent scale
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def as_dtype(name: str | torch.dtype) -> torch.dtype:
+    return name if isinstance(name, torch.dtype) else _DTYPES[name]
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} folder not found: {path}")
+
+
+def load_text_encoder(path: str, dtype="bf16", device="cpu"):
+    """(tokenizer, T5EncoderModel) from a local folder, in eval mode, requires_grad off."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    _require_dir(path, "text encoder")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = T5EncoderModel.from_pretrained(path, dtype=as_dtype(dtype), local_files_only=True)
+    model.requires_grad_(False).eval().to(device)
+    return tokenizer, model
+
+
+def text_width(model) -> int:
+    return int(model.config.d_model)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, model, captions: list[str], max_length: int = MAX_TEXT_TOKENS):
+    """T5 features of `captions`, padded to `max_length`.
+
+    Returns (emb [B, max_length, d_model] in the model's dtype, mask [B, max_length] int64 with 1 = real token).
+    Captions longer than max_length tokens are truncated with a warning (the paper trains with 120).
+    """
+    enc = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="pt", return_overflowing_tokens=False, return_length=False)
+    full = tokenizer(list(captions), truncation=False, padding=False)["input_ids"]
+    long = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    if long:
+        warnings.warn(f"{len(long)} caption(s) longer than {max_length} tokens were truncated "
+                      f"(first: {captions[long[0]][:60]!r}...)", stacklevel=2)
+    device = next(model.parameters()).device
+    ids = enc["input_ids"].to(device)
+    mask = enc["attention_mask"].to(device)
+    emb = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return emb, mask.long()
+
+
+def load_vae(path: str, dtype="fp32", device="cpu"):
+    from diffusers import AutoencoderKL
+
+    _require_dir(path, "VAE")
+    vae = AutoencoderKL.from_pretrained(path, dtype=as_dtype(dtype), local_files_only=True)
+    vae.requires_grad_(False).eval().to(device)
+    return vae
+
+
+@torch.no_grad()
+def vae_encode(vae, images: torch.Tensor):
+    """images [B, 3, H, W] in [-1, 1] -> posterior (mean, std), each [B, C, H/8, W/8], unscaled."""
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    dist = vae.encode(images).latent_dist
+    return dist.mean, dist.std
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor, scale: float = VAE_SCALE) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, 8h, 8w] in [-1, 1]."""
+    latents = latents.to(device=vae.device, dtype=vae.dtype) / scale
+    return vae.decode(latents).sample.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny encoders for tests and the demo (random weights, real classes, real file layout)
+# ---------------------------------------------------------------------------------------------------------------
+
+_TINY_WORDS = (
+    "a an the small large big tiny red green blue yellow orange purple white black gray pink cyan magenta "
+    "circle square triangle cross ring star diamond in at on top bottom left right center middle of "
+    "background image photo with and picture style detailed describe very manner"
+)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    corpus = [_TINY_WORDS] * 20 + ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?'\"-"]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0) -> str:
+    """Save a random T5EncoderModel + tokenizer that `load_text_encoder(path)` reads."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
+                   num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=8,
+                   relative_attention_max_distance=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                   pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    model = T5EncoderModel(cfg).eval()
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_vae(path: str, latent_channels: int = 4, block_out_channels=(16, 16, 16, 16), seed: int = 0) -> str:
+    """Save a random AutoencoderKL with the SD layout (downsample 8 for 4 blocks) that `load_vae(path)` reads."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels), layers_per_block=1, norm_num_groups=min(8, block_out_channels[0]),
+        sample_size=64, scaling_factor=VAE_SCALE,
+    ).eval()
+    os.makedirs(path, exist_ok=True)
+    vae.save_pretrained(path)
+    return path
