@@ -66,7 +66,7 @@ def load_vae(path: str, dtype="fp32", device="cpu"):
     from diffusers import AutoencoderKL
 
     _require_dir(path, "VAE")
-    vae = AutoencoderKL.from_pretrained(path, dtype=as_dtype(dtype), local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, torch_dtype=as_dtype(dtype), local_files_only=True)
     vae.requires_grad_(False).eval().to(device)
     return vae
 
