@@ -14,3 +14,17 @@ RAW_COLUMNS: dict[str, str] = {
     "height": "int",  # original height in pixels
     "source": "str",  # "imagenet" | "sam" | "journeydb" | "folder" | "synthetic"
 }
+
+# Feature shards (written by `pixart-ds features`): what training reads. Shapes are stored per sample
+# (`ndarray:float16` without a fixed shape) so one schema serves every resolution and aspect-ratio bucket.
+FEATURE_COLUMNS: dict[str, str] = {
+    "id": "str",
+    "vae_mean": "ndarray:float16",  # [C, h, w] VAE posterior mean (unscaled)
+    "vae_std": "ndarray:float16",  # [C, h, w] VAE posterior std; the loader samples mean + std * eps, x 0.18215
+    "t5": "ndarray:float16",  # [n, D] T5 tokens, unpadded (n = real tokens <= 120); empty [0, D] for class data
+    "caption": "str",
+    "label": "int",  # class index; -1 for text data
+    "height": "int",  # original image size in pixels
+    "width": "int",
+    "aspect_ratio": "float32",  # h / w of the bucket the image was resized/cropped to
+}
