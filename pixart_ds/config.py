@@ -301,7 +301,13 @@ def _set_dotted(data: dict, dotted: str, value, src: str):
             nxt = {}
             cur[p] = nxt
         cur = nxt
-    cur[parts[-1]] = value
+    leaf = parts[-1]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if leaf not in names:
+        near = difflib.get_close_matches(leaf, names, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"{src}: {dotted}: unknown key{hint}")
+    cur[leaf] = value
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
