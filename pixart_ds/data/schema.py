@@ -21,10 +21,17 @@ FEATURE_COLUMNS: dict[str, str] = {
     "id": "str",
     "vae_mean": "ndarray:float16",  # [C, h, w] VAE posterior mean (unscaled)
     "vae_std": "ndarray:float16",  # [C, h, w] VAE posterior std; the loader samples mean + std * eps, x 0.18215
-    "t5": "ndarray:float16",  # [n, D] T5 tokens, unpadded (n = real tokens <= 120); empty [0, D] for class data
+    "t5": "ndarray:float16",  # [n, D] T5 tokens, unpadded (n = real tokens <= 120, incl. </s>); mask = n ones
     "caption": "str",
     "label": "int",  # class index; -1 for text data
     "height": "int",  # original image size in pixels
     "width": "int",
     "aspect_ratio": "float32",  # h / w of the bucket the image was resized/cropped to
 }
+
+# Stage-1 (class-conditional) feature shards carry no text: MDS cannot encode an empty ndarray, so the "t5" column
+# is absent rather than [0, D]. Readers branch on the model's condition (text | class), never on the column.
+CLASS_FEATURE_COLUMNS: dict[str, str] = {k: v for k, v in FEATURE_COLUMNS.items() if k != "t5"}
+
+# Multi-scale feature roots hold one stream (sub-directory, own index.json) per aspect-ratio bucket, named by
+# pixart_ds.data.buckets.bucket_dirname(h, w) = "h{H}_w{W}" in pixels, e.g. "h256_w1024"; no index.json at the root.
