@@ -31,8 +31,11 @@ def load_text_encoder(path: str, dtype="bf16", device="cpu"):
     from transformers import AutoTokenizer, T5EncoderModel
 
     _require_dir(path, "text encoder")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = T5EncoderModel.from_pretrained(path, dtype=as_dtype(dtype), local_files_only=True)
+    tok_dir, model_dir = path, path
+    if os.path.isdir(os.path.join(path, "text_encoder")):  # a diffusers pipeline folder: text_encoder/ + tokenizer/
+        tok_dir, model_dir = os.path.join(path, "tokenizer"), os.path.join(path, "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    model = T5EncoderModel.from_pretrained(model_dir, dtype=as_dtype(dtype), local_files_only=True)
     model.requires_grad_(False).eval().to(device)
     return tokenizer, model
 
@@ -66,6 +69,8 @@ def load_vae(path: str, dtype="fp32", device="cpu"):
     from diffusers import AutoencoderKL
 
     _require_dir(path, "VAE")
+    if os.path.isfile(os.path.join(path, "vae", "config.json")):  # a diffusers pipeline folder
+        path = os.path.join(path, "vae")
     vae = AutoencoderKL.from_pretrained(path, torch_dtype=as_dtype(dtype), local_files_only=True)
     vae.requires_grad_(False).eval().to(device)
     return vae
