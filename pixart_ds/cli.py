@@ -30,7 +30,7 @@ def _sample(a):
     return sample_cli(
         ckpt=a.ckpt, prompts=a.prompt, prompts_file=a.prompts_file, sampler=a.sampler, steps=a.steps,
         guidance=a.guidance, seed=a.seed, resolution=a.resolution, aspect_ratio=a.aspect_ratio, out=a.out,
-        vae=a.vae, text_encoder=a.text_encoder, use_ema=not a.raw, device=a.device,
+        vae=a.vae, text_encoder=a.text_encoder, use_ema=not a.raw, device=a.device, uncond=a.uncond,
     )
 
 
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-encoder", default=None)
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--device", default=None)
+    s.add_argument("--uncond", default="auto", choices=["auto", "null", "empty"],
+                   help='unconditional input for guidance: the null caption (null), T5 of "" (empty, as diffusers), '
+                        'or auto = null when the checkpoint has one')
     s.set_defaults(fn=_sample)
 
     s = sub.add_parser("export", help="write a diffusers PixArtAlphaPipeline folder")
