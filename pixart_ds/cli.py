@@ -72,7 +72,7 @@ def _data(a):
     if a.kind == "sam":
         return dconv.sam(a.root, captions=a.captions, **kw)
     if a.kind == "journeydb":
-        return dconv.journeydb(a.root, annotations=a.annotations, **kw)
+        return dconv.journeydb(a.root, annotations=a.annotations, text=a.text, **kw)
     if a.kind == "folder":
         return dconv.folder(a.root, index=a.index, **kw)
     if a.kind == "synthetic":
@@ -182,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--workers", type=int, default=None)
         d.add_argument("--shard-size-limit", type=int, default=1 << 26)
         if kind == "sam":
-            d.add_argument("--captions", required=True, help="LLaVA captions: JSONL or CSV keyed by image id")
+            d.add_argument("--captions", default=None,
+                           help="LLaVA captions keyed by image id: JSONL/CSV/JSON or a folder of <id>.txt "
+                                "(without it captions stay empty: the input for `pixart-ds caption`)")
         if kind == "journeydb":
-            d.add_argument("--annotations", required=True, help="JourneyDB annotation JSONL")
+            d.add_argument("--annotations", required=True, help="JourneyDB annotation JSONL (or its .tgz)")
+            d.add_argument("--text", default="caption", choices=["caption", "prompt"],
+                           help="caption = Task2.Caption (GPT-3.5), prompt = the Midjourney prompt")
         if kind == "folder":
             d.add_argument("--index", default=None, help="one JSONL/CSV of (path, caption) instead of sidecars")
         if kind == "synthetic":
