@@ -1,0 +1,56 @@
+"""Raw datasets -> raw MDS shards (schema.RAW_COLUMNS): `pixart-ds data imagenet|sam|journeydb|folder|synthetic`.
+
+Each function plans partitions from its source (sources.py) and hands them to the one write path (_engine.py):
+parallel writers, one merged index, resume, and a summary of written and skipped samples saved as OUT.summary.json.
+Every function returns that summary dict.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pixart_ds.data.convert import sources
+from pixart_ds.data.convert._engine import read_summary, run, summary_path
+
+__all__ = ["imagenet", "sam", "journeydb", "folder", "synthetic", "read_summary", "summary_path"]
+
+_SHARD = 1 << 26  # 64 MiB, Streaming's recommended shard size
+
+
+def imagenet(root: str, out: str, workers: Optional[int] = None, shard_size_limit: int = _SHARD,
+             progress: bool = True) -> dict:
+    """ImageNet class folders -> raw MDS with label = sorted-synset index and an empty caption."""
+    parts, skips, extra = sources.plan_imagenet(root)
+    return run("imagenet", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
+               progress=progress)
+
+
+def sam(root: str, captions: Optional[str] = None, out: str = "", workers: Optional[int] = None,
+        shard_size_limit: int = _SHARD, progress: bool = True) -> dict:
+    """SA-1B images joined with LLaVA captions keyed by image id (JSONL/CSV/JSON or a folder of <id>.txt)."""
+    parts, skips, extra = sources.plan_sam(root, captions)
+    return run("sam", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
+               progress=progress)
+
+
+def journeydb(root: str, annotations: str, out: str = "", workers: Optional[int] = None,
+              shard_size_limit: int = _SHARD, text: str = "caption", progress: bool = True) -> dict:
+    """JourneyDB images + annotation JSONL; text = "caption" (Task2.Caption) or "prompt"."""
+    parts, skips, extra = sources.plan_journeydb(root, annotations, text=text)
+    return run("journeydb", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
+               progress=progress)
+
+
+def folder(root: str, index: Optional[str] = None, out: str = "", workers: Optional[int] = None,
+           shard_size_limit: int = _SHARD, progress: bool = True) -> dict:
+    """Any image folder with .txt/.json caption sidecars, or one JSONL/CSV index of (path, caption)."""
+    parts, skips, extra = sources.plan_folder(root, index)
+    return run("folder", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
+               progress=progress)
+
+
+def synthetic(num_samples: int = 1024, resolution: int = 256, seed: int = 0, out: str = "",
+              workers: Optional[int] = None, shard_size_limit: int = _SHARD, progress: bool = True) -> dict:
+    """The embedded shapes dataset (pixart_ds.data.synthetic), written through the same path as real data."""
+    parts, skips, extra = sources.plan_synthetic(num_samples, resolution, seed)
+    return run("synthetic", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
+               progress=progress)
