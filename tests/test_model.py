@@ -5,30 +5,7 @@ import torch
 from pixart_ds import config
 from pixart_ds.model.pixart import PixArt, build_model, model_info
 
-
-def tiny_cfg(**model):
-    ms = model.get("multi_scale", False)
-    m = {"preset": "tiny", "caption_channels": 32, "max_text_tokens": 8, "num_classes": 10, **model}
-    return config.from_dict({"model": m, "data": {"resolution": 64, "multi_scale": ms}})
-
-
-def randomize(model, seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def inputs(cond, B=2, h=8, w=8, L=8, C=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, 4, h, w, generator=g)
-    t = torch.randint(0, 1000, (B,), generator=g)
-    y = torch.randn(B, L, C, generator=g) if cond == "text" else torch.randint(0, 10, (B,), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[0, 3:] = 0
-    data_info = {"img_hw": torch.tensor([[h * 8.0, w * 8.0]] * B), "aspect_ratio": torch.tensor([[h / w]] * B)}
-    return x, t, y, mask, data_info
+from model_helpers import inputs, randomize, tiny_cfg  # noqa: E402
 
 
 @pytest.mark.parametrize("adaln", ["single", "block"])
