@@ -1,0 +1,139 @@
+"""train_step(): one optimizer step. The one step used by the trainer, the tests and the benchmarks.
+
+For each micro-batch (there are `gradient_accumulation_steps` of them, derived from the recipe's global batch and
+the world size by config.batch_plan):
+
+    t ~ U{0..T-1} [B], eps ~ N(0, I) [B, C, h, w]          (official train.py: torch.randint, torch.randn_like)
+    x_t = q_sample(x_0, t, eps)                             (DDPM eq. 4)
+    out = model(x_t, t, y, mask, drop, data_info)           [B, 2C, h, w] (epsilon + variance interpolation)
+    loss = mean_B(mse + vb)                                 (improved DDPM hybrid loss, diffusion/losses.py)
+    engine.backward(loss); engine.step()
+
+`engine.step()` is called after EVERY micro-batch: DeepSpeed counts micro-batches itself and runs the optimizer
+only at the accumulation boundary; calling backward several times before one step would make ZeRO-2 drop the
+earlier gradients (stack-notes). DeepSpeed scales each micro-batch loss by 1/accumulation, so the update uses the
+mean gradient over the global batch.
+
+Non-finite loss or gradients: DeepSpeed's overflow check (bf16 check_grad_overflow, fp16 loss scaling, fp32
+invalid-norm check in ZeRO) skips the update; `skipped` reports it and `nonfinite` says whether it counts towards
+train.max_nonfinite_steps (fp16 loss-scale search skips are normal while the loss is finite).
+
+Test hook (reliability tests, issue 9): PIXART_DS_INJECT_NAN_AT_STEP="N", "N-M" or "N,M,..." makes rank 0's loss
+NaN at those (1-based) optimizer steps, so the gradients of every rank become non-finite after the reduction.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as tdist
+
+from pixart_ds.diffusion.losses import training_losses
+from pixart_ds.train import zero
+
+INJECT_NAN_ENV = "PIXART_DS_INJECT_NAN_AT_STEP"
+
+
+def _parse_steps(spec: str) -> set[int]:
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.update(range(int(lo), int(hi) + 1))
+        else:
+            out.add(int(part))
+    return out
+
+
+def _inject_nan(step: int) -> bool:
+    spec = os.environ.get(INJECT_NAN_ENV)
+    if not spec:
+        return False
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    return rank == 0 and step in _parse_steps(spec)
+
+
+def model_inputs(batch: dict, cfg, device: torch.device, dtype: torch.dtype) -> dict:
+    """Keyword arguments of PixArt.forward (besides x and t) from a loader batch, on `device`.
+
+    Float conditioning (T5 features) is cast to the engine dtype: DeepSpeed does not auto-cast inputs.
+    """
+    kw: dict = {}
+    if cfg.model.condition == "text":
+        kw["y"] = batch["text_emb"].to(device, dtype, non_blocking=True)  # [B, L, D]
+        kw["mask"] = batch["text_mask"].to(device, non_blocking=True)  # [B, L]
+    else:
+        kw["y"] = batch["label"].to(device, non_blocking=True)  # [B]
+    if "drop" in batch:
+        kw["drop"] = batch["drop"].to(device, non_blocking=True)  # [B] bool
+    if cfg.model.multi_scale:
+        kw["data_info"] = {"img_hw": batch["img_hw"].to(device, non_blocking=True),  # [B, 2]
+                           "aspect_ratio": batch["aspect_ratio"].to(device, non_blocking=True)}  # [B, 1]
+    return kw
+
+
+def current_lr(engine) -> float:
+    """The lr the next optimizer update uses (the warm-up scheduler steps after each applied update)."""
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def train_step(engine, batch, schedule, cfg, generator: Optional[torch.Generator] = None) -> dict:
+    """One optimizer step over `batch`: a list of `engine.gradient_accumulation_steps()` micro-batch dicts (a
+    single dict when accumulation is 1). Returns floats averaged over the GLOBAL batch (all ranks):
+    loss, mse, vb, grad_norm (before clipping), lr (used by this update), skipped (1.0 if the update was skipped),
+    nonfinite (1.0 if it counts towards train.max_nonfinite_steps), images (global batch size)."""
+    micro_batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    accum = engine.gradient_accumulation_steps()
+    if len(micro_batches) != accum:
+        raise ValueError(f"train_step: got {len(micro_batches)} micro-batches but the engine accumulates {accum}")
+    device = engine.device
+    dtype = zero.engine_dtype(engine)
+    gen_device = generator.device if generator is not None else device
+    step_no = int(engine.global_steps) + 1  # 1-based number of the update being computed (restored on resume)
+    inject = _inject_nan(step_no)
+    lr = current_lr(engine)
+
+    engine.train()
+    # [sum loss, sum mse, sum vb, samples] over this rank's micro-batches
+    stats = torch.zeros(4, dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        x0 = mb["latent"].to(device, torch.float32, non_blocking=True)  # [B, C, h, w], already x vae_scale
+        B = x0.shape[0]
+        t = schedule.sample_timesteps(B, generator=generator, device=device)  # [B] int64
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+        x_t = schedule.q_sample(x0, t, noise)  # [B, C, h, w] float32
+        out = engine(x_t.to(dtype), t, **model_inputs(mb, cfg, device, dtype))  # [B, 2C, h, w]
+        losses = training_losses(out, x0, x_t, t, noise, schedule, pred_sigma=cfg.model.pred_sigma)
+        loss = losses["loss"].mean()
+        if inject:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        with torch.no_grad():
+            stats += torch.stack([loss.detach().double() * B, losses["mse"].detach().double().sum(),
+                                  losses["vb"].detach().double().sum(),
+                                  torch.tensor(float(B), dtype=torch.float64, device=device)])
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(stats)
+    s = stats.tolist()
+    n = max(s[3], 1.0)
+    applied = bool(engine.was_step_applied())
+    gn = engine.get_global_grad_norm()
+    grad_norm = float(gn) if gn is not None else float("nan")
+    loss_v = s[0] / n
+    skipped = not applied
+    if engine.fp16_enabled():
+        # Loss-scale search skips steps with finite loss by design; only a non-finite loss counts.
+        nonfinite = skipped and not math.isfinite(loss_v)
+    else:
+        nonfinite = skipped or not math.isfinite(loss_v)
+    out = {"loss": loss_v, "mse": s[1] / n, "vb": s[2] / n, "grad_norm": grad_norm, "lr": lr,
+           "skipped": float(skipped), "nonfinite": float(nonfinite), "images": float(s[3])}
+    scale = zero.loss_scale(engine)
+    if scale is not None:
+        out["loss_scale"] = scale
+    return out
