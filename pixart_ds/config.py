@@ -141,6 +141,9 @@ class LogConfig:
     progress_bar: bool = True
     sample_every_steps: int = 0  # 0 = never
     sample_prompts: tuple[str, ...] = ()
+    # Record every step's global-batch sample indices in metrics.jsonl (exact-resume and lost/duplicate-sample
+    # checks; one all_gather per step).
+    sample_ids: bool = False
 
 
 @dataclass(frozen=True)
