@@ -307,6 +307,7 @@ def _merge(out: str, run: dict) -> dict:
 def caption_mds(inp: str, out: str, model: str, prompt: str = PAPER_PROMPT, batch_size: int = 8,
                 max_new_tokens: int = 256) -> int:
     """`pixart-ds caption`: caption every image of the raw MDS `inp` with the LLaVA folder `model`."""
+    inp, out, model = os.fspath(inp), os.fspath(out), os.fspath(model)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size ({batch_size}) and --max-new-tokens ({max_new_tokens}) must be >= 1")
     check_llava_folder(model)  # bad arguments fail before the heavy imports
@@ -434,11 +435,12 @@ def load_tagger():
 
 def tagger_name() -> str:
     nlp = load_tagger()
-    return f"spacy {__import__('spacy').__version__} {nlp.meta['name']} {nlp.meta['version']}"
+    return f"spacy {__import__('spacy').__version__} {nlp.meta['lang']}_{nlp.meta['name']} {nlp.meta['version']}"
 
 
 def load_captions(path: str) -> list[str]:
     """Captions of a JSONL file (field "caption"), a raw MDS folder (column "caption") or a text file (one a line)."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         return [str(s["caption"]) for s in iter_mds(path, columns=("caption",))]
     if not os.path.isfile(path):
@@ -487,6 +489,7 @@ def concept_stats(per_image: list[list[str]], valid_min_count: int = VALID_NOUN_
 
 
 def caption_file_stats(path: str) -> dict:
+    path = os.fspath(path)
     caps = load_captions(path)
     return concept_stats(noun_lemmas(caps, progress=f"tagging {os.path.basename(path)}"))
 
