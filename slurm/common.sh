@@ -15,7 +15,7 @@
 #   SETUP        a file sourced first in the batch shell (module loads, conda/venv activation)
 #   SRUN_ARGS    extra srun options for the training step, e.g. "--cpu-bind=none"
 #   MAX_REQUEUES stop requeueing after this many restarts (default 100)
-#   CLEAN_SHM    1 (default): remove stale Streaming shared memory on each node first; 0: skip (shared nodes)
+#   CLEAN_SHM    1 (default): remove stale Streaming shared memory on each node first; 0: skip
 #   REQUEUE_EXIT_CODE  the trainer's "checkpointed, please requeue" exit code (default: read from pixart_ds)
 # Key=value arguments after the sbatch file name (`sbatch slurm/stage2.sbatch train.lr=1e-4`) are overrides too.
 # Hyperparameters belong in recipes: these files only pick the recipe, the resources and the environment.
@@ -133,8 +133,8 @@ PIXART_DS_ROOT=${PIXART_DS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
 export PIXART_DS_ROOT
 
 # Remove POSIX shared memory a crashed Streaming run left behind, once per node, before any rank starts: a stale
-# `/dev/shm/NNNNNN_locals` makes the next run fail or hang. It also removes live segments, so on nodes shared with
-# another Streaming job set CLEAN_SHM=0.
+# `/dev/shm/NNNNNN_locals` makes the next run fail or hang. pixart_ds.data.loader.clean_stale_shm removes only
+# segments no live process maps (Streaming's clean_stale_shared_memory would also break a live job sharing the node).
 pixart_clean_shm() {
     [[ ${CLEAN_SHM:-1} == 1 ]] || return 0
     srun --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 \
@@ -237,10 +237,10 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
         clean-shm)  # once per node, before the ranks start
             # Streaming names its segments NNNNNN_<name>; importing it costs seconds, so only when there are some.
             if compgen -G '/dev/shm/[0-9][0-9][0-9][0-9][0-9][0-9]_*' >/dev/null; then
-                # Without rank variables Streaming cleans locally instead of creating a process group.
-                unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
                 # shellcheck disable=SC2086
-                exec ${PYTHON:-python3} -c 'from streaming.base.util import clean_stale_shared_memory as c; c()'
+                exec ${PYTHON:-python3} -c 'from pixart_ds.data.loader import clean_stale_shm as c
+n = len(c())
+if n: print(f"removed {n} stale Streaming shared-memory segments / locks")'
             fi
             ;;
         env)

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,3 +98,63 @@ def test_common_sh_uneven_layout_and_errors():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     p = subprocess.run(["bash", COMMON, "env"], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "not inside an srun task" in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The local cluster and job helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+# sbatch options that turn the GPU defaults into this machine: one node, 2 CPU tasks, no GPUs.
+CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The single-node cluster of slurm/local-cluster.sh; started here when `make slurm-up` was not run."""
+    p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True) if shutil.which("scontrol") else None
+    if p is None or "UP" not in p.stdout:
+        if os.geteuid() != 0:
+            pytest.fail("no local Slurm cluster: run `make slurm-up` as root (slurm/local-cluster.sh up)")
+        subprocess.run(["bash", os.path.join(REPO, "slurm", "local-cluster.sh"), "up"], check=True, timeout=600)
+    return True
+
+
+def sbatch(script: str, *options: str, variables: dict | None = None, args=(), cwd=REPO) -> int:
+    """Submit slurm/SCRIPT unmodified with command-line options; returns the job id."""
+    export = "ALL" + "".join(f",{k}={v}" for k, v in (variables or {}).items())
+    cmd = ["sbatch", "--parsable", f"--export={export}", *options, os.path.join(REPO, "slurm", script), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=60)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stderr}"
+    return int(p.stdout.strip().split(";")[0])
+
+
+def job_info(job_id: int) -> dict:
+    """`scontrol show job -o ID` as a dict (JobState, ExitCode, Restarts, Dependency, Command, ...)."""
+    p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, f"job {job_id} unknown to Slurm: {p.stderr}"
+    info = {}
+    for tok in p.stdout.split():
+        k, _, v = tok.partition("=")
+        if v or k not in info:
+            info[k] = v
+    return info
+
+
+def wait_job(job_id: int, timeout: float, log: str | None = None, states=TERMINAL) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        info = job_info(job_id)
+        if info["JobState"] in states:
+            return info
+        if time.time() > deadline:
+            subprocess.run(["scancel", str(job_id)])
+            tail = open(log).read()[-3000:] if log and os.path.exists(log) else ""
+            pytest.fail(f"job {job_id} still {info['JobState']} after {timeout:.0f}s\n{tail}")
+        time.sleep(0.5)
+
+
+def read_log(path: str) -> str:
+    with open(path) as f:
+        return f.read()
