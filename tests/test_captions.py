@@ -181,3 +181,31 @@ def test_rank_world_from_launchers():
 
 def test_ids_order_naturally():
     assert sorted(["sa_10", "sa_2", "sa_1"], key=C._natural_key) == ["sa_1", "sa_2", "sa_10"]
+
+
+def test_sam_round_trip_through_data_sam(tiny_llava, tmp_path):
+    """SA-1B folder -> raw MDS without captions -> caption -> `data sam --captions captions.jsonl` joins them."""
+    from pixart_ds.data import convert
+
+    root = tmp_path / "sa1b"
+    root.mkdir()
+    for i in (1, 2, 10):
+        (root / f"sa_{i}.jpg").write_bytes(_jpeg(i))
+    raw, capdir, joined = str(tmp_path / "raw"), str(tmp_path / "caps"), str(tmp_path / "joined")
+    convert.sam(str(root), captions=None, out=raw, workers=1, progress=False)
+    assert C.caption_mds(raw, capdir, tiny_llava, batch_size=2, max_new_tokens=6) == 0
+    caps = _lines(os.path.join(capdir, "captions.jsonl"))
+    assert [r["id"] for r in caps] == ["sa_1", "sa_2", "sa_10"]
+    assert all(r["caption"] for r in caps)  # data sam treats an empty caption as a missing one
+    convert.sam(str(root), captions=os.path.join(capdir, "captions.jsonl"), out=joined, workers=1, progress=False)
+    got = {s["id"]: s["caption"] for s in C.iter_mds(joined, columns=("id", "caption"))}
+    assert got == {r["id"]: r["caption"] for r in caps}
+
+
+def _jpeg(seed: int) -> bytes:
+    from PIL import Image
+
+    arr = np.random.RandomState(seed).randint(0, 256, (18, 26, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
