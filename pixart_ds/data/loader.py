@@ -1,0 +1,425 @@
+"""build_loader: the recipe's data section -> a resumable StreamingDataLoader of named tensors.
+
+This is the only module that knows where shards live and how sources are weighted (DESIGN.md principle 4).
+
+- Sources (`data.sources`): one feature-MDS directory each, mixed by `proportion` (relative weights; all null =
+  natural sizes). Streaming draws each source's share per epoch (up- or down-sampling), so 3:1 means 3:1 per epoch.
+- Multi-scale (`data.multi_scale`): each source directory holds one stream per aspect-ratio bucket (sub-directories
+  with their own index.json, named h{H}_w{W} by pixart_ds.data.buckets). Every bucket becomes a Stream whose weight
+  is its source's proportion split by bucket size, and `batching_method="per_stream"` makes every global
+  micro-batch (micro batch x ranks) come from one bucket, so no batch mixes shapes (paper §2.4, PixArtMS; official
+  code: AspectRatioBatchSampler). A bucket with fewer samples than one global micro-batch cannot fill a batch and
+  is left out with a warning (Streaming would raise).
+- Order: shuffled with seed `train.seed`; `num_canonical_nodes` is fixed (recipe value or 1) so the global sample
+  order does not depend on the number of nodes/ranks, and a state saved at one world size resumes at another.
+- Topology: Streaming reads only RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE. They are exported from the
+  DistEnv (or the environment via pixart_ds.train.dist.dist_env: LOCAL_SIZE under the deepspeed launcher,
+  SLURM_* under srun) before the dataset is built; without LOCAL_WORLD_SIZE two ranks on a node both act as the
+  local leader and die in shared memory.
+- Stale shared memory (left by a crashed run) is removed at start by local rank 0 before the first barrier; only
+  Streaming segments that no live process maps are touched, so other runs on the machine are unaffected.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from pixart_ds.config import Config, ConfigError, latent_size
+
+logger = logging.getLogger(__name__)
+
+# Fixed when the recipe leaves data.num_canonical_nodes null: the global order must not depend on the number of
+# physical nodes of the first run. 1 divides every node count (Streaming requires one of canonical/physical nodes to
+# divide the other); each node then reads across all shards, which costs nothing on a shared filesystem.
+DEFAULT_NUM_CANONICAL_NODES = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Topology and shared memory
+# ----------------------------------------------------------------------------------------------------------------
+
+_TOPOLOGY_VARS = (("RANK", "rank"), ("WORLD_SIZE", "world_size"), ("LOCAL_RANK", "local_rank"),
+                  ("LOCAL_WORLD_SIZE", "local_world_size"))
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def resolve_topology(dist_env: Any = None, environ=None) -> Topology:
+    """Rank/world/local rank/local world from `dist_env` (any object with those attributes, e.g.
+    pixart_ds.train.dist.DistEnv) or, when None, from the launcher environment (torchrun, deepspeed, srun)."""
+    if dist_env is None:
+        environ = os.environ if environ is None else environ
+        if all(environ.get(var) for var, _ in _TOPOLOGY_VARS):
+            # The four standard names (torchrun, or exported by an earlier build_loader) are what Streaming reads.
+            return resolve_topology(Topology(*(int(environ[var]) for var, _ in _TOPOLOGY_VARS)))
+        from pixart_ds.train.dist import dist_env as _detect
+
+        dist_env = _detect(environ)
+    try:
+        topo = Topology(*(int(getattr(dist_env, attr)) for _, attr in _TOPOLOGY_VARS))
+    except AttributeError as e:
+        raise TypeError(f"dist_env needs rank, world_size, local_rank and local_world_size attributes ({e})") from None
+    if not (0 <= topo.rank < topo.world_size and 0 <= topo.local_rank < topo.local_world_size <= topo.world_size):
+        raise ValueError(f"inconsistent topology {topo}")
+    return topo
+
+
+def export_topology(topo: Topology, environ=None) -> None:
+    """Write the four names Streaming reads. A variable already set to another value is an error (two launchers
+    disagreeing must not silently pick one)."""
+    environ = os.environ if environ is None else environ
+    for var, attr in _TOPOLOGY_VARS:
+        want = str(getattr(topo, attr))
+        have = environ.get(var)
+        if have not in (None, "", want):
+            raise ValueError(f"{var}={have} in the environment but the launcher topology says {want}")
+        environ[var] = want
+
+
+_STREAMING_SHM = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times", "resume",
+                  "epoch_shape", "epoch_data")
+_SHM_RE = re.compile(r"^(\d{6})_(" + "|".join(_STREAMING_SHM) + r")$")
+_LOCK_RE = re.compile(r"^(\d{6})_(barrier_filelock|cache_filelock)$")
+
+
+def _mapped_shm_names() -> Optional[set[str]]:
+    """Basenames of /dev/shm files mapped by any live process; None if a Python process of ours is unreadable."""
+    uid = os.getuid()
+    names: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        names.add(line[i + 9:].split(" (deleted)")[0].strip())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        except PermissionError:
+            # Non-dumpable processes (init, setuid helpers) hide their maps even from their owner. Streaming runs
+            # in Python, so only an unreadable Python process of ours leaves the question open.
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().lower()
+                if os.stat(f"/proc/{pid}").st_uid == uid and b"python" in cmd:
+                    return None
+            except OSError:
+                pass
+    return names
+
+
+def clean_stale_shm(shm_dir: str = "/dev/shm", lock_dir: Optional[str] = None) -> list[str]:
+    """Remove Streaming's shared-memory segments (`/dev/shm/NNNNNN_<name>`) that no live process maps, and the
+    /tmp file locks of prefixes left without any segment. Returns the removed paths.
+
+    A crashed run leaves its segments behind (streaming.base.util.clean_stale_shared_memory removes them, but also
+    every live run's, breaking other jobs on the machine). A segment is in use exactly when some process maps it,
+    which /proc/<pid>/maps tells; only our own files are considered.
+    """
+    if not os.path.isdir(shm_dir) or not os.path.isdir("/proc"):
+        return []
+    uid = os.getuid()
+    candidates = []
+    for name in os.listdir(shm_dir):
+        if _SHM_RE.match(name):
+            try:
+                if os.stat(os.path.join(shm_dir, name)).st_uid == uid:
+                    candidates.append(name)
+            except FileNotFoundError:
+                pass
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        logger.warning("stale shared memory not cleaned: cannot read the memory maps of all our processes")
+        return []
+    removed = []
+    for name in candidates:
+        if name not in mapped:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(os.path.join(shm_dir, name))
+            except FileNotFoundError:
+                pass
+    live_prefixes = {m.group(1) for n in os.listdir(shm_dir) if (m := _SHM_RE.match(n))}
+    lock_dir = lock_dir or tempfile.gettempdir()
+    for name in os.listdir(lock_dir):
+        m = _LOCK_RE.match(name)
+        if m and m.group(1) not in live_prefixes:
+            path = os.path.join(lock_dir, name)
+            try:
+                if os.stat(path).st_uid == uid:
+                    os.unlink(path)
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+    if removed:
+        logger.info("removed %d stale Streaming shared-memory segments / locks", len(removed))
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streams
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _index_samples(stream_dir: str) -> int:
+    with open(os.path.join(stream_dir, "index.json")) as f:
+        return sum(int(s["samples"]) for s in json.load(f)["shards"])
+
+
+def _bucket_dirs(root: str) -> list[str]:
+    """Sub-directories of a multi-scale source that hold a stream (own index.json), in name order."""
+    return [os.path.join(root, n) for n in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, n, "index.json"))]
+
+
+@dataclass
+class _Part:
+    source: int
+    path: str
+    remote: Optional[str]
+    samples: Optional[int]  # None: remote stream not yet downloaded
+    weight: Optional[float]  # relative proportion, None = natural size
+    spec: Any = None
+
+
+def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
+    """The streams (one per source, or one per bucket of each source) with their relative weights, validated
+    against the recipe. `global_micro_batch` = micro batch x world size (the per_stream batching unit)."""
+    from pixart_ds.data.dataset import StreamSpec, validate_stream
+
+    d = cfg.data
+    if not d.sources:
+        raise ConfigError("data.sources: no sources (give at least one feature-shard directory)")
+    parts: list[_Part] = []
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        local = os.path.abspath(os.path.expanduser(src.local)) if src.local else None
+        if d.multi_scale:
+            if src.remote:
+                raise ConfigError(f"{key}.remote: multi-scale sources must be local (the bucket streams are listed "
+                                  f"from the directory)")
+            if not local or not os.path.isdir(local):
+                raise FileNotFoundError(f"{key}.local: {src.local}: no such directory")
+            dirs = _bucket_dirs(local)
+            if not dirs:
+                raise ConfigError(f"{key}.local: {local} has no per-bucket streams (sub-directories with an "
+                                  f"index.json); was it made with `pixart-ds features --multi-scale`?")
+            for sub in dirs:
+                parts.append(_Part(i, sub, None, _index_samples(sub), src.proportion, validate_stream(cfg, sub)))
+        else:
+            index = os.path.join(local, "index.json") if local else None
+            if index and os.path.isfile(index):
+                parts.append(_Part(i, local, src.remote, _index_samples(local), src.proportion,
+                                   validate_stream(cfg, local)))
+            elif src.remote:
+                # Not downloaded yet: the expected shapes come from the recipe and are checked per sample.
+                ls = latent_size(cfg)
+                spec = StreamSpec(local or src.remote, src.remote, (cfg.model.in_channels, ls, ls),
+                                  cfg.model.caption_channels if cfg.model.condition == "text" else None)
+                parts.append(_Part(i, local, src.remote, None, src.proportion, spec))
+            else:
+                raise FileNotFoundError(f"{key}.local: {src.local}: no index.json (not a feature-shard directory)")
+    if not d.multi_scale and not all(p.spec.latent_shape == parts[0].spec.latent_shape for p in parts):
+        shapes = ", ".join(f"{p.path}: {list(p.spec.latent_shape)}" for p in parts)
+        raise ConfigError(f"data.sources: latent shapes differ between sources ({shapes})")
+
+    if d.multi_scale:
+        parts = _drop_small_buckets(cfg, parts, global_micro_batch)
+    # Relative weights: a source's proportion split over its buckets by their sizes.
+    if all(p.weight is not None for p in parts):
+        per_source = {}
+        for p in parts:
+            per_source[p.source] = per_source.get(p.source, 0) + p.samples
+        for p in parts:
+            if d.multi_scale:
+                p.weight = float(d.sources[p.source].proportion) * p.samples / per_source[p.source]
+    known = [p.samples for p in parts if p.samples is not None]
+    if len(known) == len(parts):
+        total = _epoch_estimate(parts)
+        if total < cfg.train.global_batch_size:
+            raise ConfigError(f"data.sources: {total} samples per epoch ({', '.join(sorted({p.path for p in parts}))})"
+                              f" is fewer than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
+    return parts
+
+
+def _epoch_estimate(parts: list[_Part]) -> int:
+    """Samples Streaming draws per epoch: with relative weights the epoch keeps the total size and re-splits it."""
+    return int(sum(p.samples for p in parts))
+
+
+def _drop_small_buckets(cfg: Config, parts: list[_Part], global_micro_batch: int) -> list[_Part]:
+    """Leave out buckets that cannot fill one global micro-batch in an epoch (per_stream batching needs one)."""
+    d = cfg.data
+    weighted = all(p.weight is not None for p in parts)
+    while True:
+        total = sum(p.samples for p in parts)
+        if weighted:
+            props = np.array([d.sources[i].proportion for i in sorted({p.source for p in parts})], np.float64)
+            src_ids = sorted({p.source for p in parts})
+            src_share = {s: float(props[k] / props.sum()) for k, s in enumerate(src_ids)}
+            src_n = {s: sum(q.samples for q in parts if q.source == s) for s in src_ids}
+            draws = {id(p): total * src_share[p.source] * p.samples / src_n[p.source] for p in parts}
+        else:
+            draws = {id(p): p.samples for p in parts}
+        small = [p for p in parts if draws[id(p)] < global_micro_batch]
+        if not small:
+            return parts
+        logger.warning("multi-scale: leaving out %d bucket stream(s) that cannot fill one global micro-batch of %d: %s",
+                       len(small), global_micro_batch, ", ".join(f"{p.path} ({p.samples})" for p in small))
+        parts = [p for p in parts if p not in small]
+        if not parts:
+            raise ConfigError(f"data.sources: no bucket stream has enough samples for one global micro-batch of "
+                              f"{global_micro_batch} (micro batch x world size)")
+        missing = set(range(len(d.sources))) - {p.source for p in parts}
+        if missing:
+            i = min(missing)
+            raise ConfigError(f"data.sources[{i}].local: {d.sources[i].local}: no bucket has enough samples for one "
+                              f"global micro-batch of {global_micro_batch} (micro batch x world size)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _streaming_loader_class():
+    from streaming import StreamingDataLoader
+
+    class FeatureLoader(StreamingDataLoader):
+        """StreamingDataLoader that also counts corrupt samples replaced on this rank (`num_skipped`).
+
+        `state_dict()` / `load_state_dict()` are Streaming's: {epoch, sample_in_epoch, shuffle_seed,
+        num_canonical_nodes, initial_physical_nodes}; load before iterating to continue with exactly the next
+        batches.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_skipped = 0
+            self._epoch_size = None
+
+        def __iter__(self):
+            from pixart_ds.data.dataset import CorruptSampleError
+
+            it = super().__iter__()
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except CorruptSampleError as e:
+                    # From a worker process the message carries the worker's traceback; keep its last line, which
+                    # names the shard file and the sample.
+                    last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
+                    raise CorruptSampleError(last.split("CorruptSampleError: ", 1)[-1]) from None
+                self.num_skipped += int(batch["skipped"].sum())
+                yield batch
+
+    return FeatureLoader
+
+
+def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, clean_shm: bool = True):
+    """A StreamingDataLoader yielding dicts of named tensors (see pixart_ds.data.dataset) in batches of
+    `micro_batch_size` per rank.
+
+    Call on every rank, after torch.distributed is initialised (pixart_ds.train.dist.init_distributed) when the
+    world size is above 1. `dist_env`: any object with rank / world_size / local_rank / local_world_size, or None
+    to read the launcher's environment. `clean_shm`: remove stale Streaming shared memory first (local rank 0).
+    """
+    import torch.distributed as tdist
+
+    from pixart_ds.data.dataset import FeatureDataset
+
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    topo = resolve_topology(dist_env)
+    if topo.world_size > 1:
+        export_topology(topo)
+        if not (tdist.is_available() and tdist.is_initialized()):
+            raise RuntimeError(f"build_loader: WORLD_SIZE={topo.world_size} but torch.distributed is not initialised "
+                               f"(call pixart_ds.train.dist.init_distributed first)")
+    if clean_shm and topo.local_rank == 0:
+        clean_stale_shm()
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()  # nobody creates shared memory before local rank 0 has cleaned
+
+    global_micro = micro_batch_size * topo.world_size
+    parts = plan_streams(cfg, global_micro)
+    from streaming import Stream
+
+    weighted = all(p.weight is not None for p in parts)
+    streams = [Stream(local=p.path, remote=p.remote, proportion=p.weight if weighted else None) for p in parts]
+    d = cfg.data
+    ncn = d.num_canonical_nodes or DEFAULT_NUM_CANONICAL_NODES
+    # Streaming's own default, made explicit so the order never depends on when it is derived.
+    block = d.shuffle_block_size or max(4_000_000 // ncn, 1 << 18)
+    ds = FeatureDataset(
+        cfg=cfg,
+        streams=streams,
+        specs=[p.spec for p in parts],
+        batch_size=micro_batch_size,  # per device (Streaming partitions by it)
+        shuffle=d.shuffle,
+        shuffle_algo=d.shuffle_algo,
+        shuffle_seed=int(cfg.train.seed),
+        shuffle_block_size=block,
+        num_canonical_nodes=ncn,
+        predownload=d.predownload,
+        partition_algo="relaxed",
+        sampling_method="balanced",
+        batching_method="per_stream" if d.multi_scale else "random",
+    )
+    if ds.epoch_size < cfg.train.global_batch_size:  # remote sources: known only now
+        raise ConfigError(f"data.sources: {ds.epoch_size} samples per epoch is fewer than one global batch "
+                          f"(train.global_batch_size={cfg.train.global_batch_size})")
+    workers = int(d.num_workers)
+    loader_cls = _streaming_loader_class()
+    return loader_cls(
+        ds,
+        batch_size=micro_batch_size,
+        num_workers=workers,
+        drop_last=True,  # every rank yields the same number of full batches; no ragged micro-batch at epoch end
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+@dataclass(frozen=True)
+class EpochSize:
+    samples: int  # samples all ranks together train on per epoch (= batches_per_rank x micro batch x world size)
+    batches_per_rank: int  # micro-batches each rank yields per epoch
+    drawn: int  # samples Streaming draws per epoch before batching (after up/down-sampling of sources)
+
+
+def epoch_size(loader) -> EpochSize:
+    """How much one epoch of `loader` holds, computed from Streaming's own partition of epoch 0 (exact: includes
+    per-stream batches left incomplete and the rank padding). Cached on the loader."""
+    if getattr(loader, "_epoch_size", None) is not None:
+        return loader._epoch_size
+    from streaming.base.batching import generate_work
+
+    ds = loader.dataset
+    world = ds._parallel_rank_world.detect_workers()
+    work = generate_work(ds.batching_method, ds, world, 0, 0)  # [nodes, ranks, workers, batches, batch]
+    mine = work[world.node, world.rank_of_node].reshape(-1, ds.batch_size)
+    batches = int((mine >= 0).all(axis=1).sum())
+    out = EpochSize(samples=batches * ds.batch_size * world.num_ranks, batches_per_rank=batches,
+                    drawn=int(ds.epoch_size))
+    loader._epoch_size = out
+    return out
