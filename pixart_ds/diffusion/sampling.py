@@ -7,9 +7,8 @@ guidance 4.5), DDIM and ancestral DDPM. All three are diffusers schedulers confi
 Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_u + w (eps_c - eps_u), applied to the epsilon half
 of the output only; the learned-variance half (used by DDPM's learned_range step) is taken from the conditional
 branch, as the official `forward_with_cfg` does. The unconditional input is, in order of preference,
-- the model's learned null caption (`y_embedding`, paper §2.4, swapped in at training with probability 0.1): the
-  model is called with drop=True; the prompt's mask is kept, as the official inference passes one mask to both
-  halves;
+- the model's null caption (`y_embedding`, paper §2.4, swapped in at training with probability 0.1): the model is
+  called with drop=True and treats the null caption as L real tokens, the same way it saw it in training;
 - T5 features of "" with their own mask, for weights without a trained null caption (the diffusers format drops it
   and diffusers' PixArtAlphaPipeline uses T5("") as its negative prompt);
 - the null class index (drop=True) for class-conditional models, whose "prompts" are class ids.
@@ -196,7 +195,7 @@ def build_conditions(model_cfg: dict, prompts: list[str], *, tokenizer=None, tex
                      uncond: str = "null", device="cpu", data_info: Optional[dict] = None) -> tuple[dict, dict]:
     """(cond, uncond) keyword arguments of PixArt.forward for a batch of N prompts.
 
-    uncond: "null" = the learned null caption / null class (drop=True); "empty" = T5 features of "".
+    uncond: "null" = the null caption y_embedding / null class (drop=True); "empty" = T5 features of "".
     data_info: {"img_hw": [N, 2], "aspect_ratio": [N, 1]} for multi-scale models (added to both).
     """
     n = len(prompts)
@@ -403,8 +402,10 @@ def sample_cli(ckpt, prompts=None, prompts_file=None, sampler="dpm-solver", step
     is_text = mc.get("condition", "text") == "text"
     if is_text and not te_path:
         raise ValueError(f"--text-encoder is required: checkpoint {ckpt} names no text encoder")
-    if uncond is None:
+    if uncond in (None, "auto"):
         uncond = "null" if (ck.has_null_caption or not is_text) else "empty"
+    if uncond not in ("null", "empty") or (uncond == "empty" and not is_text):
+        raise ValueError(f"--uncond {uncond!r}: choose auto, null or (text models) empty")
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -417,7 +418,7 @@ def sample_cli(ckpt, prompts=None, prompts_file=None, sampler="dpm-solver", step
         raise ValueError(f"VAE {vae_path}: latent_channels={vae_model.config.latent_channels} does not match the "
                          f"model's in_channels={mc.get('in_channels', 4)}")
     model = build_sampling_model(ck, height, width, device)
-    schedule = Schedule.linear(**ck.diffusion) if ck.diffusion else Schedule.linear()
+    schedule = ck.schedule
 
     t0 = time.time()
     result = generate(model, mc, prompt_list, vae=vae_model, tokenizer=tokenizer, text_encoder=te, schedule=schedule,
@@ -441,7 +442,7 @@ def sample_cli(ckpt, prompts=None, prompts_file=None, sampler="dpm-solver", step
         "use_ema": use_ema, "model": mc, "trained_resolution": ck.resolution,
         "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "resolution": res,
         "aspect_ratio": aspect_ratio, "height": height, "width": width,
-        "unconditional": {"null": "learned null caption (drop=True)" if is_text else "null class (drop=True)",
+        "unconditional": {"null": "null caption y_embedding (drop=True)" if is_text else "null class (drop=True)",
                           "empty": 'T5 features of ""'}[uncond],
         "vae": os.path.abspath(vae_path), "text_encoder": os.path.abspath(te_path) if te_path else None,
         "device": str(device), "precision": "bf16 autocast" if on_gpu else "fp32",
