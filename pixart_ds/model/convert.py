@@ -566,7 +566,8 @@ def _view_of_diffusers_dit(dm) -> _DiTView:
               f"DiT) use 1e-6", file=sys.stderr)
     H = c.num_attention_heads * c.attention_head_dim
     depth = c.num_layers
-    ref = copy.deepcopy(dm).to(device="cpu", dtype=torch.float64).eval()
+    # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts meant for inference
+    ref = nn.Module.to(copy.deepcopy(dm), device="cpu", dtype=torch.float64).eval()
     dsd = {k: v.detach().float().cpu().clone() for k, v in dm.state_dict().items()}
     b0 = "transformer_blocks.0.norm1.emb.timestep_embedder"
     shared = {"x_embedder.proj.weight": dsd["pos_embed.proj.weight"], "x_embedder.proj.bias": dsd["pos_embed.proj.bias"],

@@ -320,9 +320,10 @@ def model_info(preset: str = "PixArt-XL/2", adaln: str = "single", condition: st
     total = sum(comps.values())
     note = None
     if adaln == "block":
-        note = (f"paper (§2.3, Fig. 7) reports {_PAPER_BLOCK_ADALN_M}M for per-block adaLN at XL/2; this count is "
-                f"{total / 1e6:.1f}M trainable. The official log also counts the frozen 1024-px pos_embed "
-                f"(4096 x 1152 = 4,718,592), which accounts for the gap at XL/2.")
+        note = (f"paper (§2.3, Fig. 7): {_PAPER_BLOCK_ADALN_M}M for per-block adaLN at PixArt-XL/2; this count: "
+                f"{total / 1e6:.1f}M trainable (XL/2: 828.5M). The 4.7M gap at XL/2 equals the frozen 1024-px "
+                f"pos_embed (4096 x 1152 = 4,718,592) that the official code keeps as an nn.Parameter and counts in "
+                f"its log; we count trainable parameters only.")
     else:
         note = ("not counted: null caption y_embedding (a buffer, as in the official code) and the fixed sin-cos "
                 "pos_embed")
