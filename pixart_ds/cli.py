@@ -110,6 +110,9 @@ def _ckpt(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pixart-ds", description="Train PixArt-alpha with DeepSpeed, Streaming and Slurm.")
+    # The `deepspeed` launcher passes --local_rank=N before the verb; the rank itself is read from the environment
+    # (pixart_ds.train.dist), so the flag is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     s = sub.add_parser("train", help="train from a recipe (deepspeed / torchrun / srun / single process)")
