@@ -26,7 +26,7 @@ FEATURE_COLUMNS: dict[str, str] = {
     "label": "int",  # class index; -1 for text data
     "height": "int",  # original image size in pixels
     "width": "int",
-    "aspect_ratio": "float32",  # h / w of the bucket the image was resized/cropped to
+    "aspect_ratio": "float32",  # bucket key (rounded h / w, as official InternalData_ms feeds it); 1.0 single-scale
 }
 
 # Stage-1 (class-conditional) feature shards carry no text: MDS cannot encode an empty ndarray, so the "t5" column
