@@ -209,3 +209,14 @@ def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+@pytest.mark.gpu
+def test_caption_on_cuda_fp16(tiny_llava, raw_mds, tmp_path):
+    """The GPU path: the model runs in fp16 on cuda:LOCAL_RANK; every decodable image still gets one caption."""
+    root, ids = raw_mds
+    out = tmp_path / "gpu"
+    assert C.caption_mds(root, str(out), tiny_llava, batch_size=4, max_new_tokens=6) == 0
+    merged = _lines(out / "captions.jsonl")
+    assert [r["id"] for r in merged] == [i for i in ids if i != BAD_ID]
+    assert all(isinstance(r["caption"], str) for r in merged)

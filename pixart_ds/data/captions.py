@@ -567,7 +567,7 @@ def make_tiny_llava(path: str, image_size: int = 16, patch_size: int = 4, hidden
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", additional_special_tokens=["<image>"],
-                                        model_max_length=512, model_input_names=["input_ids", "attention_mask"])
+                                        model_max_length=4096, model_input_names=["input_ids", "attention_mask"])
     image_token = tokenizer.convert_tokens_to_ids("<image>")
 
     torch.manual_seed(seed)
