@@ -141,6 +141,8 @@ def fake_sam(tmp_path):
             _sa_json(d / f"sa_{i}.json", i, w, h if i != 7 else h + 1)  # sa_7: the JSON disagrees with the JPEG
     truncated_jpeg(str(root / "sa_000001" / "sa_6.jpg"))  # corrupt, with a caption
     _sa_json(root / "sa_000000" / "sa_8.json", 8, 100, 64)  # annotation without its image
+    imgs["sa_10"] = jpeg(str(root / "sa_000001" / "sa_10.jpg"), 64, 64, seed=10)
+    (root / "sa_000001" / "sa_10.json").write_text('{"image": {"image_id": 10, "width": ')  # cut-off JSON
     caps = tmp_path / "llava_captions.jsonl"
     rows = [{"id": "sa_1", "caption": "A red barn under a cloudy sky.", "model": "llava", "prompt": "Describe"},
             {"id": "sa_2", "caption": "Two cats on a sofa.", "model": "llava", "prompt": "Describe"},
@@ -148,6 +150,8 @@ def fake_sam(tmp_path):
             {"id": 6, "caption": "A broken image.", "model": "llava", "prompt": "Describe"},
             {"id": "sa_7", "caption": "Size mismatch.", "model": "llava", "prompt": "Describe"},
             {"id": "sa_9", "caption": "Caption without image.", "model": "llava", "prompt": "Describe"},
+            {"id": "sa_8", "caption": "Its JSON is there, its JPEG is not.", "model": "llava", "prompt": "D"},
+            {"id": "sa_10", "caption": "Its JSON is cut off.", "model": "llava", "prompt": "Describe"},
             {"id": "sa_4", "caption": ["a", "list"], "model": "llava", "prompt": "Describe"}]
     lines = [json.dumps(r) for r in rows]
     lines.insert(3, "{not json")
@@ -173,8 +177,9 @@ def test_sam_cli_join_and_skip_reasons(fake_sam, tmp_path, run_cli):
     assert skips["sa_6"] == "corrupt image"
     assert skips["sa_7"] == "size mismatch"
     assert skips["sa_4"] == "bad annotation"  # caption is a list: wrong type, named with its line
+    assert skips["sa_10"] == "bad annotation"  # its SA-1B JSON does not parse
     assert skips["llava_captions.jsonl:4"] == "bad annotation"  # the line that is not JSON
-    assert summary["written"] == 3 and summary["skipped"] == len(summary["skips"]) == 7
+    assert summary["written"] == 3 and summary["skipped"] == len(summary["skips"]) == 8
     assert "caption is list" in next(s["detail"] for s in summary["skips"] if s["id"] == "sa_4")
     check_layout(out)
 
@@ -195,6 +200,8 @@ def test_sam_csv_captions_and_folder_of_txt(fake_sam, tmp_path):
     # Without a caption file: every readable image, captions empty (the input of `pixart-ds caption`).
     s = convert.sam(str(root), out=str(tmp_path / "c"), workers=1, progress=False)
     assert sorted(by_id(str(tmp_path / "c"))) == ["sa_1", "sa_2", "sa_3", "sa_4", "sa_5"]
+    assert s["skipped_by_reason"] == {"bad annotation": 1, "caption without image": 1, "corrupt image": 1,
+                                      "size mismatch": 1}
 
 
 # ------------------------------------------------------------------------------------------------------------------

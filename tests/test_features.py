@@ -3,13 +3,11 @@ bucket streams; stage-1 class features; bad raw shards counted, never fatal; res
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -341,3 +339,14 @@ def test_features_torchrun_two_ranks(raw, tiny_vae_dir, tiny_t5_dir, tmp_path):
     # Resuming with another world size is refused, naming the one to use.
     with pytest.raises(ValueError, match="written by 2 ranks"):
         features.extract_features(raw, out, tiny_vae_dir, tiny_t5_dir, resolution=64, progress=False)
+
+
+def test_rank_env_launchers():
+    assert features.rank_env({}) == (0, 1, 0)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert features.rank_env(torchrun) == (3, 4, 1)
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"}
+    assert features.rank_env(srun) == (5, 8, 1)
+    assert features.rank_env(dict(srun, **torchrun)) == (3, 4, 1)  # torchrun inside an allocation wins
+    with pytest.raises(ValueError, match="rank 4 of world size 4"):
+        features.rank_env({"RANK": "4", "WORLD_SIZE": "4"})

@@ -490,7 +490,8 @@ def _finish(out: str, world: int, settings: dict, class_labels: bool, t0: float,
     atomic_write_text(summary_path(out), json.dumps(summary, indent=1) + "\n")
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_by_reason"].items())
     lines = [f"features: wrote {written} samples to {out} ({len(streams)} stream{'s' * (len(streams) != 1)}, "
-             f"{summary['bytes_per_sample']} bytes/sample), skipped {len(skips)}" + (f" ({reasons})" if reasons else "")]
+             f"{summary['bytes_per_sample']} bytes/sample), skipped {len(skips)}"
+             + (f" ({reasons})" if reasons else "")]
     lines += [f"  skipped {s['id']}: {s['reason']} ({s['detail']})" for s in skips[:20]]
     if len(skips) > 20:
         lines.append(f"  ... {len(skips) - 20} more")

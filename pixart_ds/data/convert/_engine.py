@@ -24,6 +24,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -46,7 +47,7 @@ UNREADABLE = "unreadable file"
 DUPLICATE = "duplicate id"
 
 
-@dataclass
+@dataclass(slots=True)  # millions of these are planned for SA-1B: keep them small
 class Item:
     """One candidate sample. Exactly one of `path` (an image file) or `make` (a picklable recipe understood by
     `_materialize`, e.g. ("synthetic", seed, index, resolution)) gives the image."""
@@ -56,6 +57,7 @@ class Item:
     label: int = -1
     expect_size: Optional[tuple[int, int]] = None  # (width, height) the annotation claims, checked on decode
     make: Optional[tuple] = None
+    sa_json: Optional[str] = None  # SA-1B annotation whose "image" record gives expect_size (read by the worker)
 
 
 @dataclass
@@ -66,7 +68,8 @@ class Partition:
     def fingerprint(self) -> str:
         h = hashlib.sha1()
         for it in self.items:
-            h.update(json.dumps([it.id, it.path, it.caption, it.label, it.make], default=str).encode())
+            h.update(json.dumps([it.id, it.path, it.caption, it.label, it.make, it.expect_size, it.sa_json],
+                                default=str).encode())
         return h.hexdigest()
 
 
@@ -116,6 +119,23 @@ def check_image(data: bytes) -> tuple[int, int]:
     return size
 
 
+_SA_IMAGE = re.compile(rb'"image"\s*:\s*(\{[^{}]*\})')
+
+
+def sa_image_size(path: str) -> tuple[int, int]:
+    """(width, height) from an SA-1B annotation JSON. Those files hold every mask as RLE (up to MBs each) and
+    start with the "image" record, so only the head is read and that record parsed."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    m = _SA_IMAGE.search(head)
+    if m is None:
+        with open(path, "rb") as f:  # not at the head: parse it all
+            meta = json.load(f)["image"]
+    else:
+        meta = json.loads(m.group(1))
+    return int(meta["width"]), int(meta["height"])
+
+
 def _materialize(make: tuple) -> bytes:
     kind = make[0]
     if kind == "synthetic":
@@ -133,18 +153,22 @@ def _materialize(make: tuple) -> bytes:
 # One partition (runs in a worker process)
 # ------------------------------------------------------------------------------------------------------------------
 
-_COUNTER = None  # shared progress counter, set by the pool initializer
+_PROGRESS = None  # callable(n) advancing the progress bar: bar.update in-process, a shared counter in workers
 
 
 def _init_worker(counter) -> None:
-    global _COUNTER
-    _COUNTER = counter
+    global _PROGRESS
+
+    def add(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    _PROGRESS = add
 
 
 def _tick(n: int = 1) -> None:
-    if _COUNTER is not None:
-        with _COUNTER.get_lock():
-            _COUNTER.value += n
+    if _PROGRESS is not None:
+        _PROGRESS(n)
 
 
 def write_partition(out: str, part: Partition, source: str, shard_size_limit: int) -> dict:
@@ -175,8 +199,16 @@ def write_partition(out: str, part: Partition, source: str, shard_size_limit: in
                 skips.append(Skip(it.id, CORRUPT_IMAGE, f"{it.path or it.id}: {type(e).__name__}: {e}"))
                 _tick()
                 continue
-            if it.expect_size is not None and tuple(it.expect_size) != (width, height):
-                skips.append(Skip(it.id, SIZE_MISMATCH, f"annotation says {it.expect_size[0]}x{it.expect_size[1]}, "
+            expect = it.expect_size
+            if it.sa_json is not None:
+                try:
+                    expect = sa_image_size(it.sa_json)
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    skips.append(Skip(it.id, BAD_ANNOTATION, f"{it.sa_json}: {type(e).__name__}: {e}"))
+                    _tick()
+                    continue
+            if expect is not None and tuple(expect) != (width, height):
+                skips.append(Skip(it.id, SIZE_MISMATCH, f"annotation says {expect[0]}x{expect[1]}, "
                                                         f"{it.path} is {width}x{height}"))
                 _tick()
                 continue
@@ -299,10 +331,13 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
     bar = tqdm(total=total_items, desc=f"data {kind}", unit="img", disable=not progress or total_items == 0,
                file=sys.stderr, dynamic_ncols=True)
     if workers <= 1 or len(todo) <= 1:
-        for part in todo:
-            rec = write_partition(out, part, kind, shard_size_limit)
-            records[part.name] = rec
-            bar.update(len(part.items))
+        global _PROGRESS
+        _PROGRESS = bar.update
+        try:
+            for part in todo:
+                records[part.name] = write_partition(out, part, kind, shard_size_limit)
+        finally:
+            _PROGRESS = None
     else:
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         counter = ctx.Value("q", 0)
@@ -328,7 +363,11 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
     num_samples = merge_partitions(out, names)
     shutil.rmtree(staging_root(out), ignore_errors=True)
 
-    skips = [s.asdict() for s in plan_skips]
+    seen, skips = set(), []
+    for s in plan_skips:  # one record per (id, reason): an annotation and a caption may both lack the image
+        if (s.id, s.reason) not in seen:
+            seen.add((s.id, s.reason))
+            skips.append(s.asdict())
     for n in names:
         skips.extend(records[n]["skips"])
     written = sum(records[n]["written"] for n in names)

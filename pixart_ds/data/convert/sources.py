@@ -240,31 +240,27 @@ def _join(images: dict[str, tuple[str, Optional[tuple]]], caps: Optional[dict], 
 def plan_sam(root: str, captions: Optional[str]):
     """SA-1B: sa_N.jpg with sa_N.json ({"image": {"image_id", "width", "height", "file_name"}, "annotations": [...]})
     in one or more directories (one per extracted tar). The JSON's size is checked against the JPEG. Joined with a
-    caption file keyed by image id; without one, captions stay empty (the input for `pixart-ds caption`)."""
+    caption file keyed by image id; without one, captions stay empty (the input for `pixart-ds caption`).
+    The annotation JSONs are read by the writers, not here: they hold every mask and are large."""
     root = _require_dir(root, "SA-1B root")
     skips: list[Skip] = []
     images: dict[str, tuple[str, Optional[tuple]]] = {}
     rel_dir: dict[str, str] = {}
+    sa_json: dict[str, Optional[str]] = {}
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         names = set(files)
         for f in sorted(files):
             stem, ext = os.path.splitext(f)
-            if ext.lower() == ".json" and stem.startswith("sa_") and not any(stem + e in names for e in (".jpg", ".JPG")):
-                skips.append(Skip(stem, MISSING_IMAGE, f"{os.path.relpath(os.path.join(d, f), root)} has no {stem}.jpg"))
+            if ext.lower() == ".json" and stem.startswith("sa_") and not any(stem + e in names
+                                                                             for e in (".jpg", ".JPG")):
+                rel = os.path.relpath(os.path.join(d, f), root)
+                skips.append(Skip(stem, MISSING_IMAGE, f"{rel} has no {stem}.jpg"))
             if not (ext.lower() in (".jpg", ".jpeg") and stem.startswith("sa_")):
                 continue
-            size = None
             jpath = os.path.join(d, stem + ".json")
-            if os.path.isfile(jpath):
-                try:
-                    with open(jpath) as fh:
-                        meta = json.load(fh)["image"]
-                    size = (int(meta["width"]), int(meta["height"]))
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    skips.append(Skip(stem, BAD_ANNOTATION, f"{stem}.json: {type(e).__name__}: {e}"))
-                    continue
-            images[stem] = (os.path.join(d, f), size)
+            sa_json[stem] = jpath if os.path.isfile(jpath) else None
+            images[stem] = (os.path.join(d, f), None)
             rel_dir[stem] = os.path.relpath(d, root)
     if not images and not skips:
         raise ValueError(f"no SA-1B images (sa_N.jpg) under {root}")
@@ -272,12 +268,11 @@ def plan_sam(root: str, captions: Optional[str]):
     if captions is not None:
         caps, bad, cap_skips = read_captions(_require_file(captions, "caption file"))
         skips.extend(cap_skips)
-    # Images already skipped for a bad JSON must not be reported again as captions without image.
-    known = {s.id for s in skips if s.reason == BAD_ANNOTATION}
-    if caps is not None:
-        caps = {k: v for k, v in caps.items() if k not in known}
     groups, join_skips = _join(images, caps, bad or {}, lambda sid, p: rel_dir[sid])
     skips.extend(join_skips)
+    for items in groups.values():
+        for it in items:
+            it.sa_json = sa_json[it.id]  # its size is checked against the JPEG by the writer
     parts = [p for g, items in groups.items() for p in chunked(safe_name(g), items, PARTITION_SIZE)]
     return parts, skips, {"root": root, "captions": os.path.abspath(captions) if captions else None}
 
