@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 
-class DistEnvError(RuntimeError):
+class DistEnvError(ValueError):
     """Inconsistent launcher environment; the message names the variables involved."""
 
 
