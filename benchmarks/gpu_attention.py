@@ -14,8 +14,9 @@ Correctness (batch --check-batch): a float32 copy with the `math` kernel is the 
 (flash when flash-attn imports, sdpa, math; `auto` resolves to one of them) runs forward + backward (loss = mean of
 the squared output) on a bf16 copy of the same weights. Reported per backend: max |out - ref| / max |ref|, the
 cosine of the outputs and of the full gradient vectors against the reference, finiteness, and the same numbers
-between every pair of bf16 backends. Which torch SDPA kernels ran is read from the profiler (aten op names), to
-show that `sdpa` self-attention (no mask) gets torch's FlashAttention kernel.
+between every pair of bf16 backends. Which torch SDPA kernels ran is read from the profiler (aten op names): with no
+mask, `sdpa` self-attention is eligible for torch's fused kernels (FlashAttention-2, cuDNN), and torch picks among
+them by its own priority (torch 2.11 on an H200 picked cuDNN attention for both self- and cross-attention).
 
 Speed (batch --batch): per backend, --warmup untimed steps, then --repeats timed steps (zero grads, forward, loss,
 backward; CUDA-event timed). Reported: median ms/step, images/s, and the allocator's peak above the bytes held

@@ -18,7 +18,6 @@ Parameter and buffer names follow the official checkpoints (module docstring of 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -247,22 +246,6 @@ def build_model(cfg) -> PixArt:
     return PixArt(cfg.model, config.latent_size(cfg), config.pe_interpolation(cfg))
 
 
-def model_from_dict(model_cfg: dict, resolution: int) -> PixArt:
-    """A model from a ModelConfig dict (the `model.json` of an "ours" folder) and its image resolution."""
-    cfg = model_config_from_dict(model_cfg)
-    from pixart_ds import config
-
-    pe = cfg.pe_interpolation if cfg.pe_interpolation is not None else resolution / 512
-    return PixArt(cfg, resolution // config.VAE_DOWNSAMPLE, pe)
-
-
-def model_config_from_dict(d: dict, source: str = "model.json"):
-    """Strict ModelConfig from a dict (unknown keys are an error naming the key)."""
-    from pixart_ds import config
-
-    return config._build(config.ModelConfig, dict(d), "model", source)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Parameter counts
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,6 +313,3 @@ def model_info(preset: str = "PixArt-XL/2", adaln: str = "single", condition: st
     return dict(preset=preset, adaln=adaln, condition=condition, multi_scale=bool(multi_scale), total=total,
                 components=comps, note=note)
 
-
-def config_dict(model_cfg) -> dict:
-    return dataclasses.asdict(model_cfg)
