@@ -20,6 +20,8 @@ SEED, STEPS, GUIDANCE = 3, 20, 4.5
 # in this configuration; the bounds leave room for other BLAS/attention kernels.
 LATENT_TOL = 1e-4
 IMAGE_TOL = 1e-4  # images in [0, 1]
+GPU_LATENT_TOL = 1e-3  # CUDA kernels (TF32 convolutions, other SDPA kernels) differ between the two code paths
+GPU_IMAGE_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +69,36 @@ def test_export_writes_a_complete_pipeline(exported):
     assert not [n for n in os.listdir(os.path.dirname(exported)) if n.startswith(".tmp")]
 
 
-def _ours(ckpt, t5, vae, prompt=PROMPT, uncond="empty"):
+def _ours(ckpt, t5, vae, prompt=PROMPT, uncond="empty", device="cpu", autocast_dtype=None):
     from pixart_ds.diffusion import sampling as S
     from pixart_ds.diffusion.pipeline import build_sampling_model, resolve_checkpoint
     from pixart_ds.model.encoders import load_text_encoder, load_vae
 
     ck = resolve_checkpoint(ckpt)
-    tok, te = load_text_encoder(t5, dtype="fp32")
-    model = build_sampling_model(ck)
-    return S.generate(model, ck.model_cfg, [prompt], vae=load_vae(vae), tokenizer=tok, text_encoder=te,
-                      sampler="dpm-solver", steps=STEPS, guidance=GUIDANCE, seeds=[SEED], height=64, width=64,
-                      uncond=uncond)
+    tok, te = load_text_encoder(t5, dtype="fp32", device=device)
+    model = build_sampling_model(ck, device)
+    return S.generate(model, ck.model_cfg, [prompt], vae=load_vae(vae, device=device), tokenizer=tok,
+                      text_encoder=te, sampler="dpm-solver", steps=STEPS, guidance=GUIDANCE, seeds=[SEED], height=64,
+                      width=64, uncond=uncond, device=device, autocast_dtype=autocast_dtype)
 
 
-@pytest.fixture(scope="module")
-def diffusers_ref(exported):
+def _run_diffusers(exported, device="cpu"):
     """diffusers' PixArtAlphaPipeline from our export: (final latents [1, 4, 8, 8], image [1, 3, 64, 64] in [0, 1])."""
     from diffusers import PixArtAlphaPipeline
 
-    pipe = PixArtAlphaPipeline.from_pretrained(exported, local_files_only=True)
+    pipe = PixArtAlphaPipeline.from_pretrained(exported, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     seen = {}
     img = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
                generator=torch.Generator().manual_seed(SEED), output_type="pt", clean_caption=False,
                use_resolution_binning=False, callback=lambda i, t, lat: seen.update(latents=lat.clone()),
                callback_steps=1).images
-    return seen["latents"], img
+    return seen["latents"].cpu(), img.cpu()
+
+
+@pytest.fixture(scope="module")
+def diffusers_ref(exported):
+    return _run_diffusers(exported)
 
 
 def test_dpm_solver_matches_diffusers_pipeline_loaded_from_export(diffusers_ref, exported, tiny_ckpt, tiny_t5_dir,
@@ -138,7 +144,7 @@ def test_sample_cli_on_export_matches_diffusers_png(run_cli, exported, diffusers
     """The exported folder alone is enough for `sample` (vae/ and text_encoder/ inside); PNGs match diffusers'."""
     out = tmp_path / "s"
     run_cli("sample", "--ckpt", exported, "--prompt", PROMPT, "--steps", STEPS, "--seed", SEED, "--uncond", "empty",
-            "--out", out, check=True)
+            "--out", out, "--device", "cpu", check=True)
     from PIL import Image
 
     ours = np.asarray(Image.open(out / "0000.png"), dtype=np.int16)
@@ -194,3 +200,39 @@ def test_sample_checks_before_any_work(tiny_ckpt, tiny_t5_dir, tiny_vae_dir, tmp
     with pytest.raises(ValueError, match="--sampler 'euler'"):
         sample_cli(**dict(kw, sampler="euler"))
     assert not (tmp_path / "o").exists()  # nothing written on refusal
+
+
+@pytest.mark.gpu
+def test_gpu_parity_and_bf16_autocast(exported, tiny_ckpt, tiny_t5_dir, tiny_vae_dir):
+    """On CUDA: fp32 ours vs diffusers' pipeline on the same GPU, and the bf16-autocast path `sample` uses there."""
+    ref_lat, ref_img = _run_diffusers(exported, "cuda")
+    ours = _ours(tiny_ckpt, tiny_t5_dir, tiny_vae_dir, device="cuda")
+    lat_err = (ours.latents - ref_lat).abs().max().item()
+    img_err = ((ours.images / 2 + 0.5).clamp(0, 1) - ref_img).abs().max().item()
+    bf16 = _ours(tiny_ckpt, tiny_t5_dir, tiny_vae_dir, device="cuda", autocast_dtype=torch.bfloat16)
+    bf16_err = (bf16.latents - ours.latents).abs().max().item()
+    print(f"gpu parity: max |latent diff| = {lat_err:.3g}, max |image diff| = {img_err:.3g}; "
+          f"bf16 autocast vs fp32: max |latent diff| = {bf16_err:.3g} (latent max {ours.latents.abs().max():.3g})")
+    assert lat_err <= GPU_LATENT_TOL and img_err <= GPU_IMAGE_TOL
+    assert torch.isfinite(bf16.latents).all() and bf16_err < 0.1 * float(ours.latents.abs().max())
+
+
+def test_sample_from_a_training_run(run_cli, tiny_t5_dir, tiny_vae_dir, tmp_path):
+    """--ckpt RUN_DIR: EMA weights by default, encoders from the run's resolved config."""
+    from train_helpers import TINY_TEXT, describe, run_train, write_text_shards
+
+    from pixart_ds.diffusion.pipeline import resolve_checkpoint
+
+    shards = write_text_shards(str(tmp_path / "shards"), n=32)
+    run = str(tmp_path / "run")
+    p = run_train(TINY_TEXT, [f"run_dir={run}", f"data.sources=[{{local: {shards}}}]", "train.total_steps=3",
+                              f"encoders.text_encoder={tiny_t5_dir}", f"encoders.vae={tiny_vae_dir}"])
+    assert p.returncode == 0, describe(p)
+    out = tmp_path / "s"
+    run_cli("sample", "--ckpt", run, "--prompt", PROMPT, "--steps", 2, "--out", out, "--device", "cpu", check=True)
+    rec = json.loads((out / "samples.json").read_text())
+    assert (rec["checkpoint_kind"], rec["weights"], rec["use_ema"]) == ("run", "ema", True)
+    assert rec["text_encoder"] == os.path.abspath(tiny_t5_dir) and rec["vae"] == os.path.abspath(tiny_vae_dir)
+    assert rec["model"]["max_text_tokens"] == 16 and (out / "0000.png").is_file()
+    ema, raw = resolve_checkpoint(run), resolve_checkpoint(run, use_ema=False)
+    assert raw.weights == "raw" and any(not torch.equal(ema.state_dict[k], raw.state_dict[k]) for k in ema.state_dict)

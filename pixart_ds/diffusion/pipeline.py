@@ -39,21 +39,29 @@ class Checkpoint:
     schedule: Schedule = field(default_factory=Schedule.linear)
 
 
-_RUN_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "config.resolved.yaml", "recipe.yaml")
+def _run_config(path: str) -> dict:
+    """The resolved recipe of a run, as plain data ({} if none is found).
 
-
-def _run_config(run_dir: str) -> dict:
-    """The resolved recipe a training run wrote into its directory, as plain data ({} if none is found)."""
+    RUN_DIR/config.yaml is the recipe of the latest start (train/checkpoint.py); for a checkpoint tag directory
+    (RUN_DIR/checkpoints/step_N) we look two levels up, then fall back to the config stored in the checkpoint.
+    """
     import yaml
 
-    for name in _RUN_CONFIG_NAMES:
-        p = os.path.join(run_dir, name)
+    d = os.path.abspath(path)
+    for cand in (d, os.path.dirname(d), os.path.dirname(os.path.dirname(d))):
+        p = os.path.join(cand, "config.yaml")
         if os.path.isfile(p):
             with open(p) as f:
                 data = yaml.safe_load(f) or {}
-            if isinstance(data, dict):
+            if isinstance(data, dict) and "model" in data:
                 return data
-    return {}
+    try:
+        from pixart_ds.train.checkpoint import find_checkpoint, read_meta
+
+        root, tag = find_checkpoint(d, "sample")
+        return dict((read_meta(os.path.join(root, tag)) or {}).get("config") or {})
+    except Exception:  # a layout we do not know: defaults apply, the caller names what is missing
+        return {}
 
 
 def _is_diffusers_dir(d: str) -> bool:
@@ -106,7 +114,16 @@ def resolve_checkpoint(ckpt: str, use_ema: bool = True) -> Checkpoint:
             from pixart_ds.train.checkpoint import load_weights
         except ImportError as e:  # pragma: no cover - the trainer ships with the package
             raise ValueError(f"checkpoint {ckpt}: looks like a run directory, but the trainer is unavailable: {e}")
-        cfg, res, sd = load_weights(path, use_ema)
+        try:
+            cfg, res, sd = load_weights(path, use_ema, what="--ckpt")
+        except FileNotFoundError as e:
+            if "not a run directory" not in str(e):
+                raise
+            raise FileNotFoundError(
+                f"checkpoint {ckpt}: not an 'ours' folder ({convert.OURS_CONFIG} + {convert.OURS_WEIGHTS}), a diffusers "
+                f"transformer or pipeline folder, nor a training run directory with checkpoints") from None
+        except RuntimeError as e:  # CheckpointError (incomplete save, no EMA): a one-line user error
+            raise ValueError(str(e)) from None
         rc = _run_config(path)
         enc = rc.get("encoders") or {}
         diff = rc.get("diffusion") or {}
@@ -117,7 +134,7 @@ def resolve_checkpoint(ckpt: str, use_ema: bool = True) -> Checkpoint:
     raise ValueError(f"checkpoint {ckpt}: not a recognised checkpoint")
 
 
-def build_sampling_model(ck: Checkpoint, height: int = 0, width: int = 0, device="cpu"):
+def build_sampling_model(ck: Checkpoint, device="cpu"):
     """The PixArt for `ck` in eval mode on `device`, weights loaded strictly. The model is built at its training
     resolution (positional-embedding base grid and interpolation as trained) and samples any h x w from there."""
     from pixart_ds.model import convert

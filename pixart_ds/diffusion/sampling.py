@@ -417,7 +417,7 @@ def sample_cli(ckpt, prompts=None, prompts_file=None, sampler="dpm-solver", step
     if int(vae_model.config.latent_channels) != int(mc.get("in_channels", 4)):
         raise ValueError(f"VAE {vae_path}: latent_channels={vae_model.config.latent_channels} does not match the "
                          f"model's in_channels={mc.get('in_channels', 4)}")
-    model = build_sampling_model(ck, height, width, device)
+    model = build_sampling_model(ck, device)
     schedule = ck.schedule
 
     t0 = time.time()
