@@ -119,14 +119,16 @@ def _worker_main(spec_path):
 
     out = {"env_before": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
     micro = spec["micro"]
-    if spec.get("resume_state"):  # single process continuing a 2-rank state
+    if spec.get("resumes"):  # one process continuing 2-rank states: [(data key, micro batch, state)]
         from pixart_ds.data.loader import build_loader
 
-        ms = spec["resume_data"] == "buckets"
-        cfg = make_cfg([dict(local=spec["data"][spec["resume_data"]])], workers=spec["workers"], multi_scale=ms)
-        loader = build_loader(cfg, micro)
-        loader.load_state_dict(spec["resume_state"])
-        out["resumed"], _ = _run_epoch(loader)
+        out["resumed"] = []
+        for which, micro, state in spec["resumes"]:
+            cfg = make_cfg([dict(local=spec["data"][which])], workers=spec["workers"],
+                           multi_scale=which == "buckets")
+            loader = build_loader(cfg, micro)
+            loader.load_state_dict(state)
+            out["resumed"].append(_run_epoch(loader)[0])
         rank = 0
     else:
         # Topology from the launcher's variables; the process group is created without exporting them, so the
@@ -277,18 +279,29 @@ def runs(data, tmp_path_factory):
     return get
 
 
-def _resume_one_rank(data, tmp, state, which, micro):
-    out = os.path.join(tmp, f"one_{which}_{micro}")
-    os.makedirs(out, exist_ok=True)
-    spec = dict(data={which: data[which]}, micro=micro, workers=0, resume_state=state, resume_data=which, out=out)
-    path = os.path.join(out, "spec.json")
-    with open(path, "w") as f:
-        json.dump(spec, f)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "worker", path], env=_clean_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    with open(os.path.join(out, "rank0.json")) as f:
-        return json.load(f)["resumed"]
+_ONE_RANK: dict = {}
+
+
+def _resume_one_rank(runs, data, tmp):
+    """One single-process run resuming the torchrun run's states: [single @ micro 4, single @ micro 8,
+    buckets @ micro 8] -> the batches each resumed loader yields."""
+    key = data["root"]
+    if key not in _ONE_RANK:
+        res = runs("torchrun")
+        out = os.path.join(tmp, "one_rank")
+        os.makedirs(out, exist_ok=True)
+        resumes = [("single", MICRO, res[0]["state"]), ("single", 2 * MICRO, res[0]["state"]),
+                   ("buckets", 2 * MICRO, res[0]["bucket_state"])]
+        spec = dict(data=data, micro=MICRO, workers=0, resumes=resumes, out=out)
+        path = os.path.join(out, "spec.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "worker", path], env=_clean_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        with open(os.path.join(out, "rank0.json")) as f:
+            _ONE_RANK[key] = json.load(f)["resumed"]
+    return _ONE_RANK[key]
 
 
 def _global_order(ranks, key):
@@ -407,11 +420,13 @@ def test_same_noise_whatever_the_launch(runs):
     assert per_style[0] == per_style[1] == per_style[2]
 
 
-@pytest.mark.parametrize("micro", [MICRO, 2 * MICRO])
-def test_two_rank_state_resumes_on_one_rank(runs, data, tmp_path, micro):
+@pytest.mark.parametrize("which", [0, 1], ids=["same_micro", "double_micro"])
+def test_two_rank_state_resumes_on_one_rank(runs, data, tmp_path, which):
+    """A state saved by 2 ranks continues the same global order on 1 rank, with the same micro batch (the order
+    does not depend on it for random batching) or with micro x world kept fixed."""
     res = runs("torchrun")
     order = _global_order(res, "epoch")
-    got = _resume_one_rank(data, str(tmp_path), res[0]["state"], "single", micro)
+    got = _resume_one_rank(runs, data, str(tmp_path))[which]
     seq = [(i, v) for b in got for i, v in zip(b["idx"], b["lat"])]
     assert seq == [tuple(x) for x in order[K * MICRO * 2:]]
 
@@ -420,7 +435,214 @@ def test_two_rank_bucket_state_resumes_on_one_rank(runs, data, tmp_path):
     """per_stream batches are global micro-batches: keep micro x world fixed (here 4 x 2 -> 8 x 1)."""
     res = runs("torchrun")
     order = _global_order(res, "buckets")
-    got = _resume_one_rank(data, str(tmp_path), res[0]["bucket_state"], "buckets", 2 * MICRO)
+    got = _resume_one_rank(runs, data, str(tmp_path))[2]
     seq = [(i, v) for b in got for i, v in zip(b["idx"], b["lat"])]
     assert seq == [tuple(x) for x in order[2 * MICRO * 2:]]
-    assert all(len({tuple(s) for s in [b["shape"]]}) == 1 for b in got)
+    assert all(len(b["idx"]) == 2 * MICRO for b in got)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One process: tensor contents, validation, corrupt samples, shared memory, topology
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _batches(loader):
+    return [b for b in loader]
+
+
+def test_sample_tensors_match_the_shards(tmp_path):
+    from pixart_ds.data.dataset import caption_drop, latent_noise
+    from pixart_ds.data.loader import build_loader
+
+    written = write_feature_shards(str(tmp_path / "s"), 16, text_dim=TEXT_DIM, seed=7)
+    cfg = make_cfg([dict(local=str(tmp_path / "s"))], caption_dropout=0.5, seed=3)
+    seen = set()
+    for b in _batches(build_loader(cfg, 4)):
+        assert set(b) == {"latent", "text_emb", "text_mask", "drop", "img_hw", "aspect_ratio", "sample_idx",
+                          "skipped"}
+        assert b["latent"].dtype == b["text_emb"].dtype == b["img_hw"].dtype == b["aspect_ratio"].dtype == \
+            __import__("torch").float32
+        assert b["text_mask"].dtype == b["sample_idx"].dtype == __import__("torch").int64
+        for j, idx in enumerate(b["sample_idx"].tolist()):
+            s = written[idx]
+            seen.add(idx)
+            eps = latent_noise(3, 0, idx, (4, 8, 8))
+            want = (s["vae_mean"].astype(np.float32) + s["vae_std"].astype(np.float32) * eps) * 0.18215
+            np.testing.assert_allclose(b["latent"][j].numpy(), want, rtol=1e-6, atol=1e-7)
+            n = s["t5"].shape[0]
+            np.testing.assert_array_equal(b["text_emb"][j, :n].numpy(), s["t5"].astype(np.float32))
+            assert b["text_emb"].shape[1:] == (120, TEXT_DIM) and not b["text_emb"][j, n:].any()
+            assert b["text_mask"][j].tolist() == [1] * n + [0] * (120 - n)
+            assert b["drop"][j].item() == caption_drop(3, 0, idx, 0.5)
+            assert b["img_hw"][j].tolist() == [s["height"], s["width"]]
+            assert b["aspect_ratio"][j].tolist() == [1.0]
+            assert not b["skipped"][j]
+    assert seen == set(range(16))
+
+
+def test_noise_and_dropout_are_deterministic(tmp_path):
+    from pixart_ds.data.dataset import caption_drop, latent_noise
+    from pixart_ds.data.loader import build_loader
+
+    drops = np.array([caption_drop(0, 0, i, 0.1) for i in range(20000)])
+    assert abs(drops.mean() - 0.1) < 0.01
+    assert not any(caption_drop(0, 0, i, 0.0) for i in range(100))
+    assert np.array_equal(latent_noise(0, 0, 5, (4, 8, 8)), latent_noise(0, 0, 5, (4, 8, 8)))
+    assert not np.array_equal(latent_noise(0, 0, 5, (4, 8, 8)), latent_noise(0, 1, 5, (4, 8, 8)))  # new epoch
+    assert not np.array_equal(latent_noise(0, 0, 5, (4, 8, 8)), latent_noise(1, 0, 5, (4, 8, 8)))  # new seed
+
+    write_feature_shards(str(tmp_path / "s"), 16, text_dim=TEXT_DIM, seed=8)
+
+    def latents(workers):
+        loader = build_loader(make_cfg([dict(local=str(tmp_path / "s"))], workers=workers), 4)
+        out = []
+        for _ in range(2):  # two epochs
+            lat = {}
+            for b in loader:
+                lat.update({i: b["latent"][j] for j, i in enumerate(b["sample_idx"].tolist())})
+            out.append(lat)
+        return out
+
+    w0, w2 = latents(0), latents(2)
+    for e in range(2):
+        assert sorted(w0[e]) == sorted(w2[e]) == list(range(16))
+        assert all(np.array_equal(w0[e][i], w2[e][i]) for i in range(16))
+    assert not any(np.array_equal(w0[0][i], w0[1][i]) for i in range(16))
+
+
+def test_class_data(tmp_path):
+    from pixart_ds.data.loader import build_loader
+
+    written = write_feature_shards(str(tmp_path / "c"), 12, condition="class", num_classes=10, seed=9)
+    cfg = make_cfg([dict(local=str(tmp_path / "c"))], condition="class")
+    for b in build_loader(cfg, 4):
+        assert "text_emb" not in b and "text_mask" not in b
+        assert b["label"].dtype == __import__("torch").int64
+        assert b["label"].tolist() == [written[i]["label"] for i in b["sample_idx"].tolist()]
+
+
+def test_build_time_errors_name_key_and_shard(tmp_path):
+    from pixart_ds.config import ConfigError
+    from pixart_ds.data.loader import build_loader
+
+    text = str(tmp_path / "t")
+    write_feature_shards(text, 16, text_dim=TEXT_DIM, seed=10)
+    shard = os.path.join(text, "shard.00000.mds")
+    cls = str(tmp_path / "c")
+    write_feature_shards(cls, 16, condition="class", seed=11)
+    big = str(tmp_path / "big")
+    write_feature_shards(big, 8, latent_hw=(16, 16), text_dim=TEXT_DIM, seed=12)
+    ch3 = str(tmp_path / "ch3")
+    write_feature_shards(ch3, 8, channels=3, text_dim=TEXT_DIM, seed=13)
+
+    from pixart_ds import config
+
+    cases = [
+        (config.replace(make_cfg([dict(local=text)]), **{"model.caption_channels": 64}), "model.caption_channels",
+         shard),
+        (make_cfg([dict(local=ch3)]), "model.in_channels", os.path.join(ch3, "shard.00000.mds")),
+        (make_cfg([dict(local=big)]), "data.resolution", os.path.join(big, "shard.00000.mds")),
+        (make_cfg([dict(local=cls)]), "model.condition", os.path.join(cls, "shard.00000.mds")),
+        (make_cfg([dict(local=text)], condition="class"), "model.condition", shard),
+        (make_cfg([dict(local=text)], global_batch=32), "train.global_batch_size", text),
+    ]
+    for cfg, key, path in cases:
+        with pytest.raises(ConfigError) as e:
+            build_loader(cfg, 4)
+        msg = str(e.value)
+        assert key in msg and path in msg and "\n" not in msg, msg
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        build_loader(make_cfg([dict(local=str(tmp_path))]), 4)
+
+
+def test_wrong_shape_sample_stops_or_is_skipped(tmp_path):
+    from pixart_ds.data.dataset import CorruptSampleError
+    from pixart_ds.data.loader import build_loader
+
+    d = str(tmp_path / "s")
+    # No hashes: the structural checks alone must catch a column of the wrong shape.
+    write_feature_shards(d, 16, text_dim=TEXT_DIM, seed=14, hashes=(),
+                         overrides={5: {"vae_std": np.ones((4, 8, 7), np.float16)}})
+    with pytest.raises(CorruptSampleError) as e:
+        _batches(build_loader(make_cfg([dict(local=d)]), 4))
+    msg = str(e.value)
+    assert "sample 5" in msg and os.path.join(d, "shard.00000.mds") in msg and "vae_std" in msg, msg
+
+    loader = build_loader(make_cfg([dict(local=d)], on_corrupt="skip"), 4)
+    batches = _batches(loader)
+    assert loader.num_skipped == 1
+    assert all(len(b["sample_idx"]) == 4 for b in batches)
+    ids = [i for b in batches for i in b["sample_idx"].tolist()]
+    assert 5 not in ids and len(ids) == 16
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5], ids=["zstd_header", "zstd_payload"])
+def test_compressed_shard_with_flipped_bytes(tmp_path, where):
+    """zstd shards are decompressed by Streaming's download thread. A broken frame (header) fails there, which
+    must still stop the run with the shard's name, not end the epoch early; a broken payload may decompress to
+    garbage, which the raw shard's hash catches. Or either is skipped and counted."""
+    from pixart_ds.data.dataset import CorruptSampleError
+    from pixart_ds.data.loader import build_loader
+
+    d = str(tmp_path / "z")
+    write_feature_shards(d, 24, text_dim=TEXT_DIM, seed=15, compression="zstd", samples_per_shard=8)
+    with open(os.path.join(d, "index.json")) as f:
+        shards = json.load(f)["shards"]
+    bad = shards[-1]["zip_data"]["basename"]
+    flip_bytes(os.path.join(d, bad), count=8 if where == 0.0 else 64, where=where)
+    lo = sum(s["samples"] for s in shards[:-1])
+    for workers in (0, 2):
+        with pytest.raises(CorruptSampleError) as e:
+            _batches(build_loader(make_cfg([dict(local=d)], workers=workers), 4))
+        assert bad.rsplit(".", 1)[0] in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+    loader = build_loader(make_cfg([dict(local=d)], on_corrupt="skip", workers=2), 4)
+    ids = [i for b in _batches(loader) for i in b["sample_idx"].tolist()]
+    assert loader.num_skipped == 24 - lo and len(ids) == 24 and max(ids) < lo
+
+
+def test_clean_stale_shm_removes_only_unmapped(tmp_path):
+    from multiprocessing import shared_memory
+
+    from pixart_ds.data.loader import clean_stale_shm
+
+    prefix = random.randrange(900000, 999999)
+    stale = f"/dev/shm/{prefix:06d}_locals"
+    with open(stale, "wb") as f:  # what a killed run leaves: a segment nobody maps
+        f.write(b"\0" * 64)
+    live = shared_memory.SharedMemory(name=f"{prefix:06d}_barrier", create=True, size=64)
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir()
+    (lock_dir / f"{prefix:06d}_cache_filelock").write_text("")  # prefix still has a live segment: kept
+    (lock_dir / f"{prefix + 1:06d}_cache_filelock").write_text("")  # no segment left: removed
+    try:
+        removed = clean_stale_shm(lock_dir=str(lock_dir))
+        assert stale in removed and not os.path.exists(stale)
+        assert os.path.exists(f"/dev/shm/{prefix:06d}_barrier")
+        assert (lock_dir / f"{prefix:06d}_cache_filelock").exists()
+        assert not (lock_dir / f"{prefix + 1:06d}_cache_filelock").exists()
+    finally:
+        live.close()
+        live.unlink()
+        if os.path.exists(stale):
+            os.unlink(stale)
+
+
+def test_topology_from_environments():
+    from pixart_ds.data.loader import Topology, export_topology, resolve_topology
+
+    ds = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    assert resolve_topology(None, ds) == Topology(1, 2, 1, 2)
+    srun = dict(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_NTASKS_PER_NODE="2", SLURM_NODEID="1",
+                SLURM_STEP_ID="0", SLURM_JOB_ID="123", SLURM_JOB_NODELIST="n[1-2]")
+    assert resolve_topology(None, srun) == Topology(3, 4, 1, 2)
+    env = {}
+    export_topology(Topology(3, 4, 1, 2), env)
+    assert env == dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE=8"):
+        export_topology(Topology(3, 4, 1, 2), dict(LOCAL_WORLD_SIZE="8"))
+
+    class Env:  # any object with the four attributes
+        rank, world_size, local_rank, local_world_size = 0, 2, 0, 2
+
+    assert resolve_topology(Env()) == Topology(0, 2, 0, 2)

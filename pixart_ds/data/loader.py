@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import tempfile
+import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -319,6 +320,7 @@ def _streaming_loader_class():
 
             it = super().__iter__()
             while True:
+                error = None
                 try:
                     batch = next(it)
                 except StopIteration:
@@ -327,7 +329,15 @@ def _streaming_loader_class():
                     # From a worker process the message carries the worker's traceback; keep its last line, which
                     # names the shard file and the sample.
                     last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
-                    raise CorruptSampleError(last.split("CorruptSampleError: ", 1)[-1]) from None
+                    error = last.split("CorruptSampleError: ", 1)[-1]
+                    # The re-raised exception and its frames form a cycle holding torch's worker iterator; break it
+                    # so the workers shut down now rather than at some later garbage collection, possibly inside
+                    # the next loader's forked workers.
+                    traceback.clear_frames(e.__traceback__)
+                    e.__traceback__ = None
+                if error is not None:
+                    it.close()
+                    raise CorruptSampleError(error)
                 self.num_skipped += int(batch["skipped"].sum())
                 yield batch
 
