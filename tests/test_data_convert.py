@@ -263,7 +263,8 @@ def test_journeydb_prompt_text_and_tgz(fake_journeydb, tmp_path):
     with tarfile.open(tgz, "w:gz") as t:
         t.add(str(anno), arcname="train_anno_realease_repath.jsonl")
     out = str(tmp_path / "p")
-    convert.journeydb(str(imgs), annotations=tgz, out=out, text="prompt", workers=1, progress=False)
+    # ROOT may be data/train (the parent of imgs/) as well.
+    convert.journeydb(str(imgs.parent), annotations=tgz, out=out, text="prompt", workers=1, progress=False)
     assert {k: v["caption"] for k, v in by_id(out).items()} == {
         "000/3f2a9c": "lighthouse at dusk, volumetric light", "000/77b1d0": "portrait of a fox",
         "001/c0ffee": "tiny robot, studio photo"}
@@ -347,3 +348,17 @@ def test_crash_halfway_leaves_no_broken_output_then_resumes(fake_imagenet, tmp_p
     s = convert.imagenet(str(root), out=out, workers=2, progress=False)
     assert s["partitions_resumed"] == 2 and s["written"] == 7
     assert by_id(out)["n01484850/n01484850_555"]["label"] == 2
+
+
+def test_nothing_to_convert_is_an_error(tmp_path, fake_journeydb):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable folder images under"):
+        convert.folder(str(tmp_path / "empty"), out=str(tmp_path / "o"), workers=1, progress=False)
+    assert not (tmp_path / "o").exists()
+    # Images that are all unusable: the summary is written, then a one-line error points to it.
+    root = tmp_path / "bad"
+    truncated_jpeg(str(root / "x.jpg"))
+    (root / "x.txt").write_text("a caption")
+    with pytest.raises(ValueError, match="all 1 skipped; see .*o2.summary.json"):
+        convert.folder(str(root), out=str(tmp_path / "o2"), workers=1, progress=False)
+    assert read_summary(str(tmp_path / "o2"))["skipped_by_reason"] == {"corrupt image": 1}

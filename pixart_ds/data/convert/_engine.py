@@ -302,6 +302,11 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
+    if not any(p.items for p in partitions):
+        where = (extra or {}).get("root")
+        reasons = Counter(s.reason for s in plan_skips)
+        raise ValueError(f"nothing to convert: no usable {kind} images" + (f" under {where}" if where else "")
+                         + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else ""))
     names = [p.name for p in partitions]
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
@@ -387,6 +392,8 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
     }
     atomic_write_text(summary_path(out), json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
+    if written == 0:
+        raise ValueError(f"no samples written to {out}: all {len(skips)} skipped; see {summary_path(out)}")
     return summary
 
 

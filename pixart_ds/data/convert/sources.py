@@ -299,6 +299,8 @@ def plan_journeydb(root: str, annotations: str, text: str = "caption"):
     if text not in ("caption", "prompt"):
         raise ValueError(f"journeydb text must be 'caption' or 'prompt', got {text!r}")
     root = _require_dir(root, "JourneyDB image root")
+    if os.path.isdir(os.path.join(root, "imgs")):  # given data/train/ rather than data/train/imgs/
+        root = os.path.join(root, "imgs")
     annotations = _require_file(annotations, "JourneyDB annotation file")
     skips: list[Skip] = []
     caps: dict[str, str] = {}
