@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", required=True)
     s.add_argument("--to", dest="fmt", choices=["diffusers"], default="diffusers")
     s.add_argument("out")
-    s.add_argument("--vae", required=True)
-    s.add_argument("--text-encoder", required=True)
+    s.add_argument("--vae", default=None, help="default: the VAE the checkpoint names (run config, pipeline folder)")
+    s.add_argument("--text-encoder", default=None, help="default: the T5 the checkpoint names")
     s.add_argument("--raw", action="store_true")
     s.set_defaults(fn=_export)
 

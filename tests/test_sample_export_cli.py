@@ -236,3 +236,12 @@ def test_sample_from_a_training_run(run_cli, tiny_t5_dir, tiny_vae_dir, tmp_path
     assert rec["model"]["max_text_tokens"] == 16 and (out / "0000.png").is_file()
     ema, raw = resolve_checkpoint(run), resolve_checkpoint(run, use_ema=False)
     assert raw.weights == "raw" and any(not torch.equal(ema.state_dict[k], raw.state_dict[k]) for k in ema.state_dict)
+    # export from the run alone (encoders from its config); diffusers loads and runs it
+    pipe_dir = tmp_path / "pipe"
+    run_cli("export", "--ckpt", run, "--to", "diffusers", pipe_dir, check=True)
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(str(pipe_dir), local_files_only=True)
+    img = pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="pt", clean_caption=False,
+               use_resolution_binning=False, generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -198,11 +199,15 @@ def _encoder_dirs(text_encoder: str, vae: str) -> tuple[str, str, str]:
     return tok_dir, te_dir, vae_dir
 
 
-def export_diffusers(ckpt: str, out: str, vae: str, text_encoder: str, use_ema: bool = True) -> int:
+def export_diffusers(ckpt: str, out: str, vae: Optional[str] = None, text_encoder: Optional[str] = None,
+                     use_ema: bool = True) -> int:
     """`pixart-ds export --to diffusers OUT`: a folder `PixArtAlphaPipeline.from_pretrained(OUT)` loads and runs.
 
-    Note: diffusers' pipeline uses T5("") as its unconditional input (it has no null caption); our exported
+    vae / text_encoder default to those the checkpoint names (a run's resolved config, a pipeline folder).
+    Notes: diffusers' pipeline uses T5("") as its unconditional input (it has no null caption); our exported
     transformer folder keeps the null caption in y_embedding.safetensors for `pixart-ds sample --ckpt OUT`.
+    The pipeline passes size / aspect-ratio conditions only to 1024-px (sample_size 128) transformers, and its
+    default resolution binning knows 256 / 512 / 1024 px only (use_resolution_binning=False otherwise).
     """
     import diffusers
     from diffusers import DPMSolverMultistepScheduler
@@ -213,6 +218,11 @@ def export_diffusers(ckpt: str, out: str, vae: str, text_encoder: str, use_ema: 
     from pixart_ds.model import convert
 
     ck = resolve_checkpoint(ckpt, use_ema=use_ema)
+    vae, text_encoder = vae or ck.vae, text_encoder or ck.text_encoder
+    if not vae:
+        raise ValueError(f"--vae is required: checkpoint {ckpt} names no VAE")
+    if not text_encoder:
+        raise ValueError(f"--text-encoder is required: checkpoint {ckpt} names no text encoder")
     mc = convert.build_from_dict(dict(ck.model_cfg, attention="sdpa"), ck.resolution, f"{ckpt} (model config)").cfg
     if mc.adaln != "single" or mc.condition != "text":
         raise ValueError(f"checkpoint {ckpt}: diffusers' PixArtAlphaPipeline needs an adaLN-single text-conditional "
@@ -228,6 +238,10 @@ def export_diffusers(ckpt: str, out: str, vae: str, text_encoder: str, use_ema: 
     if latent_ch != mc.in_channels:
         raise ValueError(f"VAE {vae}: latent_channels={latent_ch} does not match the model's "
                          f"in_channels={mc.in_channels}")
+    if mc.multi_scale and ck.resolution != 1024:
+        print(f"pixart-ds export: warning: diffusers' PixArtAlphaPipeline passes size/aspect-ratio conditions only "
+              f"to 1024-px transformers; this multi-scale {ck.resolution}-px model needs them passed to the "
+              f"transformer by hand (added_cond_kwargs)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     pe = mc.pe_interpolation if mc.pe_interpolation is not None else ck.resolution / 512
 

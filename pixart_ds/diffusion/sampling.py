@@ -4,9 +4,10 @@ Samplers (paper §3 / official scripts/inference.py): DPM-Solver++ multistep, or
 guidance 4.5), DDIM and ancestral DDPM. All three are diffusers schedulers configured with our training betas
 (`Schedule.diffusers_config()`), so the timestep tables are the ones the network was trained on.
 
-Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_u + w (eps_c - eps_u), applied to the epsilon half
-of the output only; the learned-variance half (used by DDPM's learned_range step) is taken from the conditional
-branch, as the official `forward_with_cfg` does. The unconditional input is, in order of preference,
+Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_u + w (eps_c - eps_u), applied to all C channels
+of the epsilon half and to nothing else; the learned-variance half (used by DDPM's learned_range step) is taken from
+the conditional branch, as the official `forward_with_cfg` does. (That function guides only the first 3 channels, a
+shortcut inherited from DiT; diffusers' PixArtAlphaPipeline and we guide all 4.) The unconditional input is, in order of preference,
 - the model's null caption (`y_embedding`, paper §2.4, swapped in at training with probability 0.1): the model is
   called with drop=True and treats the null caption as L real tokens, the same way it saw it in training;
 - T5 features of "" with their own mask, for weights without a trained null caption (the diffusers format drops it
