@@ -299,6 +299,8 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
     from pixart_ds.data import synthetic  # noqa: F401
 
     t0 = time.time()
+    if not out:
+        raise ValueError("an output directory (--out) is required")
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
