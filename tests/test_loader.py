@@ -545,6 +545,7 @@ def test_build_time_errors_name_key_and_shard(tmp_path):
         (make_cfg([dict(local=cls)]), "model.condition", os.path.join(cls, "shard.00000.mds")),
         (make_cfg([dict(local=text)], condition="class"), "model.condition", shard),
         (make_cfg([dict(local=text)], global_batch=32), "train.global_batch_size", text),
+        (make_cfg([dict(local=text)], num_canonical_nodes=64), "data.num_canonical_nodes", text),
     ]
     for cfg, key, path in cases:
         with pytest.raises(ConfigError) as e:
@@ -646,3 +647,29 @@ def test_topology_from_environments():
         rank, world_size, local_rank, local_world_size = 0, 2, 0, 2
 
     assert resolve_topology(Env()) == Topology(0, 2, 0, 2)
+
+
+def test_loader_benchmark_script(tmp_path):
+    """benchmarks/loader.py end to end at a tiny size: the report names the machine and has one row per worker
+    count beside the train_step rate (timings are not asserted)."""
+    out = tmp_path / "res"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "loader.py"), "--set", "model.preset=tiny",
+                        "--set", "data.resolution=64", "--set", "model.caption_channels=32", "--set",
+                        "model.max_text_tokens=8", "--set", "data.num_canonical_nodes=1", "--cpu-preset", "tiny",
+                        "--cpu-batch", "2", "--samples", "24", "--workers", "0,1", "--warmup", "1", "--steps", "1",
+                        "--no-progress", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=_clean_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    js = [f for f in os.listdir(out) if f.endswith(".json")]
+    assert len(js) == 1 and js[0].startswith("loader_stage2_sam256_cpu-"), js
+    with open(out / js[0]) as f:
+        rec = json.load(f)
+    assert rec["schema"] == "pixart_ds.loader/1" and rec["hardware"]["type"] == "cpu"
+    assert [r["workers"] for r in rec["loader"]] == [0, 1]
+    assert all(r["samples_per_s"] > 0 and r["batches_timed"] == 11 for r in rec["loader"])
+    assert rec["step"]["images_per_s"] > 0 and rec["measure"]["samples"] == 24
+    md = (out / js[0].replace(".json", ".md")).read_text()
+    assert "| DataLoader workers | samples/s | headroom vs step |" in md and rec["hardware"]["name"] in md
+    p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "loader.py"), "nope.yaml"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=_clean_env())
+    assert p.returncode == 2 and "nope.yaml: recipe file not found" in p.stderr

@@ -240,8 +240,10 @@ def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
         shapes = ", ".join(f"{p.path}: {list(p.spec.latent_shape)}" for p in parts)
         raise ConfigError(f"data.sources: latent shapes differ between sources ({shapes})")
 
+    ncn = d.num_canonical_nodes or DEFAULT_NUM_CANONICAL_NODES
     if d.multi_scale:
-        parts = _drop_small_buckets(cfg, parts, global_micro_batch)
+        # A bucket must fill one global micro-batch, and (py1e shuffle) give each canonical node a sample.
+        parts = _drop_small_buckets(cfg, parts, max(global_micro_batch, ncn if d.shuffle else 1))
     # Relative weights: a source's proportion split over its buckets by their sizes.
     if all(p.weight is not None for p in parts):
         per_source = {}
@@ -253,6 +255,9 @@ def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
     known = [p.samples for p in parts if p.samples is not None]
     if len(known) == len(parts):
         total = _epoch_estimate(parts)
+        if d.shuffle and total < ncn:
+            raise ConfigError(f"data.num_canonical_nodes: {ncn} exceeds the {total} samples per epoch of "
+                              f"{', '.join(sorted({p.path for p in parts}))} (the shuffle needs one per node)")
         if total < cfg.train.global_batch_size:
             raise ConfigError(f"data.sources: {total} samples per epoch ({', '.join(sorted({p.path for p in parts}))})"
                               f" is fewer than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
@@ -264,8 +269,9 @@ def _epoch_estimate(parts: list[_Part]) -> int:
     return int(sum(p.samples for p in parts))
 
 
-def _drop_small_buckets(cfg: Config, parts: list[_Part], global_micro_batch: int) -> list[_Part]:
-    """Leave out buckets that cannot fill one global micro-batch in an epoch (per_stream batching needs one)."""
+def _drop_small_buckets(cfg: Config, parts: list[_Part], min_draws: int) -> list[_Part]:
+    """Leave out buckets drawing fewer than `min_draws` samples per epoch: per_stream batching needs one full global
+    micro-batch per stream, and the py1e shuffle one sample per canonical node."""
     d = cfg.data
     weighted = all(p.weight is not None for p in parts)
     while True:
@@ -278,20 +284,22 @@ def _drop_small_buckets(cfg: Config, parts: list[_Part], global_micro_batch: int
             draws = {id(p): total * src_share[p.source] * p.samples / src_n[p.source] for p in parts}
         else:
             draws = {id(p): p.samples for p in parts}
-        small = [p for p in parts if draws[id(p)] < global_micro_batch]
+        small = [p for p in parts if draws[id(p)] < min_draws]
         if not small:
             return parts
-        logger.warning("multi-scale: leaving out %d bucket stream(s) that cannot fill one global micro-batch of %d: %s",
-                       len(small), global_micro_batch, ", ".join(f"{p.path} ({p.samples})" for p in small))
+        logger.warning("multi-scale: leaving out %d bucket stream(s) drawing fewer than %d samples per epoch (one "
+                       "global micro-batch, one per canonical node): %s", len(small), min_draws,
+                       ", ".join(f"{p.path} ({p.samples})" for p in small))
         parts = [p for p in parts if p not in small]
         if not parts:
-            raise ConfigError(f"data.sources: no bucket stream has enough samples for one global micro-batch of "
-                              f"{global_micro_batch} (micro batch x world size)")
+            raise ConfigError(f"data.sources: no bucket stream draws the {min_draws} samples per epoch needed for one "
+                              f"global micro-batch (micro batch x world size) and one per canonical node")
         missing = set(range(len(d.sources))) - {p.source for p in parts}
         if missing:
             i = min(missing)
-            raise ConfigError(f"data.sources[{i}].local: {d.sources[i].local}: no bucket has enough samples for one "
-                              f"global micro-batch of {global_micro_batch} (micro batch x world size)")
+            raise ConfigError(f"data.sources[{i}].local: {d.sources[i].local}: no bucket draws the {min_draws} "
+                              f"samples per epoch needed for one global micro-batch (micro batch x world size) and "
+                              f"one per canonical node")
 
 
 # ----------------------------------------------------------------------------------------------------------------
