@@ -16,7 +16,7 @@
 #   SRUN_ARGS    extra srun options for the training step, e.g. "--cpu-bind=none"
 #   MAX_REQUEUES stop requeueing after this many restarts (default 100)
 #   CLEAN_SHM    1 (default): remove stale Streaming shared memory on each node first; 0: skip
-#   REQUEUE_EXIT_CODE  the trainer's "checkpointed, please requeue" exit code (default: read from pixart_ds)
+#   REQUEUE_EXIT_CODE  the trainer's "checkpointed, please requeue" exit code (default 75, as in the trainer)
 # Key=value arguments after the sbatch file name (`sbatch slurm/stage2.sbatch train.lr=1e-4`) are overrides too.
 # Hyperparameters belong in recipes: these files only pick the recipe, the resources and the environment.
 
@@ -137,17 +137,14 @@ export PIXART_DS_ROOT
 # segments no live process maps (Streaming's clean_stale_shared_memory would also break a live job sharing the node).
 pixart_clean_shm() {
     [[ ${CLEAN_SHM:-1} == 1 ]] || return 0
-    srun --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 \
+    # --overlap: its CPUs do not count against the training step that follows (no "step creation disabled" wait).
+    srun --overlap --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 \
         bash "$PIXART_DS_ROOT/slurm/common.sh" clean-shm
 }
 
-pixart_requeue_exit_code() {
-    if [[ -n ${REQUEUE_EXIT_CODE:-} ]]; then
-        echo "$REQUEUE_EXIT_CODE"
-        return
-    fi
-    ${PYTHON:-python3} -c 'from pixart_ds.train.trainer import REQUEUE_EXIT_CODE as c; print(c)'
-}
+# pixart_ds.train.trainer.REQUEUE_EXIT_CODE (75, EX_TEMPFAIL: checkpointed, run again). Written out here rather than
+# asked from Python, which would cost a torch + DeepSpeed import at every stop; tests/test_slurm.py checks the two agree.
+pixart_requeue_exit_code() { echo "${REQUEUE_EXIT_CODE:-75}"; }
 
 # pixart_run_step [--requeue] COMMAND...: run COMMAND as one srun task per rank with the rank variables exported.
 # With --requeue, the trainer's requeue exit code requeues this job (it restarts from the top and resumes from the
@@ -173,7 +170,9 @@ pixart_run_step() {
     fi
     code=""
     ((requeue)) && { code=$(pixart_requeue_exit_code) || code=""; }
-    if [[ -n $code && $rc == "$code" ]]; then
+    # 128+USR1: the signal arrived before the trainer installed its handler (start-up); nothing new to save, the
+    # requeued run resumes from the latest checkpoint all the same.
+    if [[ -n $code ]] && ((rc == code || rc == 128 + $(kill -l USR1))); then
         if ((restarts >= ${MAX_REQUEUES:-100})); then
             pixart_log "stopped for requeue but already restarted $restarts times (MAX_REQUEUES=${MAX_REQUEUES:-100})"
             return "$rc"
