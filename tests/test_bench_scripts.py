@@ -90,3 +90,54 @@ def test_vs_reference_script(tmp_path):
     assert rec["parity"]["max_abs_diff"] <= 1e-4 * max(1.0, rec["parity"]["max_abs_ref"])
     md = open(_one(tmp_path, ".md")).read()
     assert "ours / diffusers" in md and rec["hardware"]["name"] in md
+
+
+def _ablation_record(out):
+    rec = json.load(open(next(out / f for f in os.listdir(out)
+                              if f.startswith("ablation_adaln_cpu") and f.endswith(".json"))))
+    md = next(open(out / f).read() for f in os.listdir(out) if f.startswith("ablation_adaln_cpu") and f.endswith(".md"))
+    assert any(f.startswith("ablation_adaln_cpu") and f.endswith(".png") for f in os.listdir(out))
+    return rec, md
+
+
+def test_ablation_params_and_throughput(tmp_path):
+    """Parts 1-2 (what gpu_check.sh runs): parameter counts, and throughput.py on both ablation recipes."""
+    tp = ["--cpu-preset=tiny", "--cpu-batch=2", "--steps=1", "--warmup=1", "--set=data.resolution=64",
+          "--set=model.caption_channels=32", "--no-ema"]
+    out = tmp_path / "out"
+    p = run("ablation_adaln.py", "--skip-training", *[f"--throughput-arg={x}" for x in tp], "--out", out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec, md = _ablation_record(out)
+    assert rec["params"]["single"]["total"] == 610_856_096  # PixArt-XL/2, adaLN-single (paper: 611M)
+    assert rec["params"]["block"]["total"] > rec["params"]["single"]["total"]
+    for v in ("block", "single"):
+        assert rec["throughput"][v]["results"]["images_per_s_per_device"] > 0
+        assert rec["throughput"][v]["config"]["model"]["adaln"] == v
+    assert "| ours | 828,494,240 | 610,856,096 |" in md and "833M" in md and "images/s per device" in md
+    assert "Skipped (--skip-training)" in md
+    # The throughput reports of both recipes are kept beside the ablation report.
+    assert any(f.startswith("ablation_adaln_single-throughput_") for f in os.listdir(out))
+
+
+def test_ablation_training(tmp_path):
+    """Part 3: a two-step training of both variants through the trainer, loss curves, sampling and the judge."""
+    from pixart_ds.model.encoders import make_tiny_vae
+
+    vae = make_tiny_vae(str(tmp_path / "vae"))
+    out = tmp_path / "out"
+    p = run("ablation_adaln.py", "--skip-throughput", "--steps", 2, "--batch", 4, "--samples", 16, "--depth", 2,
+            "--hidden", 48, "--heads", 3, "--eval-prompts", 2, "--sample-steps", 1, "--resolution", 64,
+            "--vae", vae, "--work", tmp_path / "work", "--out", out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rec, md = _ablation_record(out)
+    for v in ("block", "single"):
+        run_ = rec["training"]["runs"][v]
+        assert [s for s, _ in run_["loss"]] == [1, 2] and run_["recipe"]["model"]["adaln"] == v
+        assert set(run_["alignment"]) == {"seen", "held_out"} and run_["alignment"]["seen"]["n"] == 1
+    # Same seed, data and steps: the two recipes differ only in model.adaln (and their names / run folders).
+    rb, rs = (dict(rec["training"]["runs"][v]["recipe"]) for v in ("block", "single"))
+    for r in (rb, rs):
+        r["model"] = {k: x for k, x in r["model"].items() if k != "adaln"}
+        r.pop("run_dir"), r.pop("name")
+    assert rb == rs
+    assert "## 3. Short training" in md and "alignment, held-out prompts" in md
