@@ -358,7 +358,7 @@ def extract_features(inp: str, out: str, vae: str, text_encoder: Optional[str] =
             std = std.float().cpu().numpy().astype(np.float16)
             embs = lens = None
             if not class_labels:
-                caps = [it["caption"] for it in batch]
+                caps = [encoders.clean_caption(it["caption"]) for it in batch]
                 full = tok(caps, truncation=False, padding=False)["input_ids"]
                 truncated_captions += sum(len(ids) > encoders.MAX_TEXT_TOKENS for ids in full)
                 with warnings.catch_warnings():

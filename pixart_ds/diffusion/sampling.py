@@ -169,8 +169,9 @@ def _step_takes_generator(scheduler) -> bool:
 
 
 def preprocess_prompt(p: str) -> str:
-    """Lower-case and strip, as the official T5Embedder (diffusion/model/t5.py) and diffusers' pipeline do."""
-    return p.lower().strip()
+    from pixart_ds.model.encoders import clean_caption
+
+    return clean_caption(p)
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int, device) -> tuple:

@@ -26,6 +26,12 @@ def _require_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} folder not found: {path}")
 
 
+def clean_caption(text: str) -> str:
+    """Lower-case and strip, as the official T5Embedder (diffusion/model/t5.py) and diffusers' pipeline do; applied
+    to training captions (features) and sampling prompts alike so both reach T5 in the same form."""
+    return text.lower().strip()
+
+
 def load_text_encoder(path: str, dtype="bf16", device="cpu"):
     """(tokenizer, T5EncoderModel) from a local folder, in eval mode, requires_grad off."""
     from transformers import AutoTokenizer, T5EncoderModel
