@@ -72,6 +72,7 @@ def _scenarios(spec, micro, out):
     out["epoch_size"] = epoch_size(loader).__dict__
     out["epoch"], state = _run_epoch(loader, state_after=K)
     out["state"] = state
+    out["shard_checks"] = loader.dataset._shard_checks[:].tolist()  # node-wide verdicts, filled by any process
     resumed = build_loader(cfg, micro)
     resumed.load_state_dict(state)
     out["resumed"], _ = _run_epoch(resumed)
@@ -117,7 +118,7 @@ def _worker_main(spec_path):
         spec = json.load(f)
     from pixart_ds.data.loader import resolve_topology
 
-    out = {"env_before": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
+    out = {"data_single": spec["data"]["single"], "env_before": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
     micro = spec["micro"]
     if spec.get("resumes"):  # one process continuing 2-rank states: [(data key, micro batch, state)]
         from pixart_ds.data.loader import build_loader
@@ -342,6 +343,10 @@ def test_ranks_disjoint_and_cover_epoch(runs, style):
     assert len(r0["epoch"]) == len(r1["epoch"]) == N_SINGLE // (2 * MICRO)
     assert all(len(b["idx"]) == MICRO for r in (r0, r1) for b in r["epoch"])
     assert r0["epoch_size"] == dict(samples=N_SINGLE, batches_per_rank=N_SINGLE // (2 * MICRO), drawn=N_SINGLE)
+    # Every shard was hash-checked once for the node, and both ranks see the verdicts (2 = ok).
+    from pixart_ds.data.dataset import _CHECK_OK
+
+    assert r0["shard_checks"] == r1["shard_checks"] == [_CHECK_OK] * len(shard_files(r0["data_single"]))
     # The next epoch is another order of the same samples.
     ids2 = [i for r in (r0, r1) for b in r["second_epoch"] for i in b["idx"]]
     assert sorted(ids2) == list(range(N_SINGLE))
@@ -504,6 +509,13 @@ def test_noise_and_dropout_are_deterministic(tmp_path):
         return out
 
     w0, w2 = latents(0), latents(2)
+    # With 2 workers the main process reads nothing itself, yet sees every shard verified: the verdicts are shared.
+    from pixart_ds.data.dataset import _CHECK_OK
+
+    loader = build_loader(make_cfg([dict(local=str(tmp_path / "s"))], workers=2), 4)
+    assert not loader.dataset._shard_checks[:].any()
+    _batches(loader)
+    assert (loader.dataset._shard_checks[:] == _CHECK_OK).all()
     for e in range(2):
         assert sorted(w0[e]) == sorted(w2[e]) == list(range(16))
         assert all(np.array_equal(w0[e][i], w2[e][i]) for i in range(16))

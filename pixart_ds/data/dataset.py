@@ -20,8 +20,8 @@ the same epoch gets the same noise whatever the worker count, rank count or resu
 and an uninterrupted run train on identical tensors (DESIGN.md principle 9).
 
 Corrupt data is never trained on silently. A shard whose bytes do not match the hash recorded in its index.json
-(MDSWriter(hashes=[...]); checked once per process the first time the shard is touched), a sample that fails to
-decode, has the wrong shape (against the stream's first sample / the recipe) or non-finite values, is either an
+(MDSWriter(hashes=[...]); checked once per node, by the first process that touches the shard), a sample that fails
+to decode, has the wrong shape (against the stream's first sample / the recipe) or non-finite values, is either an
 error naming the shard file and sample index (data.on_corrupt = "stop") or is replaced by another sample of the
 same stream, chosen deterministically, and counted (data.on_corrupt = "skip"; the `skipped` flag is summed by the
 loader). Replacing instead of dropping keeps every rank's batch count equal (a dropped sample would desynchronise
@@ -32,15 +32,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.compression import decompress
 from streaming.base.dataset import _ShardState  # private in streaming 0.13; its states drive the ready thread
 from streaming.base.format import reader_from_json
 from streaming.base.hashing import get_hash
+from streaming.base.shared import SharedArray
 
 from pixart_ds.config import Config, ConfigError, latent_size
 
@@ -50,6 +54,14 @@ logger = logging.getLogger(__name__)
 _HASH_PREFERENCE = ("xxh3_64", "xxh64", "xxh128", "xxh3_128", "xxh32", "md5", "sha1", "sha256")
 # How many deterministic candidates a corrupt sample may try before giving up (skip mode).
 _MAX_REPLACEMENT_TRIES = 64
+# Node-wide shard verdicts (shared memory, one byte per shard): Streaming's prefix + this name.
+SHARD_CHECK_SHM = "pixart_shard_checks"
+_CHECK_UNKNOWN, _CHECK_RUNNING, _CHECK_OK, _CHECK_SIZE, _CHECK_HASH, _CHECK_UNREADABLE = range(6)
+_CHECK_REASONS = {
+    _CHECK_SIZE: "size differs from the {bytes} bytes in index.json (truncated?)",
+    _CHECK_HASH: "{algo} checksum does not match index.json (bytes changed on disk)",
+    _CHECK_UNREADABLE: "cannot read the shard file",
+}
 
 
 class CorruptSampleError(RuntimeError):
@@ -207,6 +219,7 @@ class FeatureDataset(StreamingDataset):
         # Per-process (and per DataLoader worker) shard verdicts: shard id -> None (ok) or the reason it is bad.
         self._shard_verdict: dict[int, Optional[str]] = {}
         super().__init__(streams=list(streams), **kwargs)
+        self._attach_shard_checks()
 
     # -- epoch bookkeeping ---------------------------------------------------------------------------------------
 
@@ -236,8 +249,31 @@ class FeatureDataset(StreamingDataset):
             # hang. Readers in other processes then retry, fail the same way and record their own verdict.
             self._shard_states[shard_id] = _ShardState.LOCAL
 
+    def _attach_shard_checks(self) -> None:
+        """The node-wide table of shard verdicts (one byte per shard, _CHECK_* codes) in shared memory, so each
+        shard is read and hashed once per node and run rather than once per rank and DataLoader worker."""
+        import torch.distributed as tdist
+
+        name = f"{self._shm_prefix_int:06d}_{SHARD_CHECK_SHM}"
+        leader = self._unique_rank_world.is_local_leader
+        if leader:
+            # A segment of this name left by a killed run would hold stale verdicts: start from a fresh one.
+            try:
+                stale = BuiltinSharedMemory(name)
+                stale.close()
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+            self._shard_checks = SharedArray(self.num_shards, np.uint8, name)
+            self._shard_checks[:] = _CHECK_UNKNOWN
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.barrier()
+        if not leader:
+            self._shard_checks = SharedArray(self.num_shards, np.uint8, name)
+
     def _check_shard(self, shard_id: int) -> Optional[str]:
-        """None if the shard is usable, else why not. Verifies the recorded hash once per process."""
+        """None if the shard is usable, else why not. The hash recorded in index.json is verified once per node:
+        the first process to touch the shard claims it, the others wait for its verdict."""
         if shard_id in self._shard_verdict:
             return self._shard_verdict[shard_id]
         path = self.shard_path(shard_id)
@@ -246,22 +282,43 @@ class FeatureDataset(StreamingDataset):
             if self._shard_verdict.get(shard_id):
                 return self._shard_verdict[shard_id]
         raw_info, _ = self.shards[shard_id].file_pairs[0]
-        verdict = None
         algo = next((a for a in _HASH_PREFERENCE if a in raw_info.hashes), None)
         if algo is None and raw_info.hashes:
             algo = sorted(raw_info.hashes)[0]
-        try:
-            if algo is not None:
+        if algo is None:  # no hash recorded: only the size can be checked (cheap, per process)
+            size = os.path.getsize(path)
+            verdict = None if size == raw_info.bytes else \
+                f"size {size} bytes, index.json says {raw_info.bytes} (truncated?)"
+            self._shard_verdict[shard_id] = verdict
+            return verdict
+
+        checks = self._shard_checks
+        mine = False
+        if checks[shard_id] == _CHECK_UNKNOWN:
+            if not hasattr(self, "_check_lock"):  # FileLocks hold thread locks: created lazily, per process
+                self._check_lock = FileLock(self._cache_filelock_path)
+            with self._check_lock:
+                if checks[shard_id] == _CHECK_UNKNOWN:
+                    checks[shard_id] = _CHECK_RUNNING
+                    mine = True
+        if mine:
+            code = _CHECK_UNREADABLE
+            try:
                 with open(path, "rb") as f:
                     data = f.read()
                 if len(data) != raw_info.bytes:
-                    verdict = f"size {len(data)} bytes, index.json says {raw_info.bytes} (truncated?)"
+                    code = _CHECK_SIZE
                 elif get_hash(algo, data) != raw_info.hashes[algo]:
-                    verdict = f"{algo} checksum does not match index.json (bytes changed on disk)"
-            elif os.path.getsize(path) != raw_info.bytes:
-                verdict = f"size {os.path.getsize(path)} bytes, index.json says {raw_info.bytes} (truncated?)"
-        except OSError as e:
-            verdict = f"cannot read: {e}"
+                    code = _CHECK_HASH
+                else:
+                    code = _CHECK_OK
+            finally:
+                checks[shard_id] = code
+        else:
+            while checks[shard_id] == _CHECK_RUNNING:
+                time.sleep(0.005)
+        code = int(checks[shard_id])
+        verdict = None if code == _CHECK_OK else _CHECK_REASONS[code].format(algo=algo, bytes=raw_info.bytes)
         self._shard_verdict[shard_id] = verdict
         return verdict
 

@@ -91,8 +91,9 @@ def export_topology(topo: Topology, environ=None) -> None:
         environ[var] = want
 
 
+# Streaming's segment names (streaming.base.constant.SHM_TO_CLEAN) and ours (dataset.SHARD_CHECK_SHM).
 _STREAMING_SHM = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times", "resume",
-                  "epoch_shape", "epoch_data")
+                  "epoch_shape", "epoch_data", "pixart_shard_checks")
 _SHM_RE = re.compile(r"^(\d{6})_(" + "|".join(_STREAMING_SHM) + r")$")
 _LOCK_RE = re.compile(r"^(\d{6})_(barrier_filelock|cache_filelock)$")
 
