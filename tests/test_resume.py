@@ -77,3 +77,63 @@ def test_resume_on_one_rank_continues_the_same_sample_order(runs):
         assert sorted(recs[s]["sample_idx"]) == sorted(full[s]["sample_idx"]), f"step {s}"
     m = meta(one, "step_00000022")
     assert m["world_size"] == 1 and m["images_seen"] == 22 * 4
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    """Every rank is killed inside the save of step 6 (DeepSpeed's files written, marker and `latest` not yet):
+    `latest` still names step 3, the half-written step 6 is never loaded, the same command resumes from step 3,
+    redoes steps 4-6 with the same losses and replaces the half-written directory with a complete one."""
+    shards = write_text_shards(str(tmp_path / "shards"))
+    run = str(tmp_path / "run")
+    o = [f"run_dir={run}", f"data.sources=[{{local: {shards}}}]", "log.progress_bar=false", "checkpoint.keep_last=5"]
+    p = run_train(TINY_TEXT, o, env={"PIXART_DS_TEST_KILL_IN_SAVE_AT_STEP": "6"})
+    assert p.returncode == -9, describe(p)
+    assert latest_tag(run) == "step_00000003"
+    partial = os.path.join(run, "checkpoints", "step_00000006")
+    assert os.path.isfile(os.path.join(partial, "mp_rank_00_model_states.pt"))
+    assert not os.path.exists(os.path.join(partial, "pixart_ds.json"))
+    first, _ = read_metrics(run)
+    p = run_train(TINY_TEXT, o)
+    assert p.returncode == 0, describe(p)
+    after, events = read_metrics(run)
+    assert [e["step"] for e in events if e["event"] == "resume"] == [3]
+    assert [after[s]["loss"] for s in (4, 5, 6)] == [first[s]["loss"] for s in (4, 5, 6)]
+    assert latest_tag(run) == "step_00000006" and meta(run, "step_00000006")["step"] == 6
+
+
+def test_latest_marker_and_pruning(tmp_path):
+    """The bookkeeping alone (no DeepSpeed): incomplete directories are never `latest`, pruning keeps the last K
+    complete checkpoints (+ `latest`), drops universal copies of removed ones and interrupted saves."""
+    import json
+
+    from pixart_ds.train import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+
+    def make(step, complete=True):
+        d = root / ck.tag_for(step)
+        d.mkdir()
+        (d / ck.MODEL_STATES).write_bytes(b"x")
+        if complete:
+            (d / ck.META).write_text(json.dumps({"step": step, "world_size": 2}))
+        return d
+
+    assert ck.read_latest(str(root)) is None
+    for s in (1, 2, 3):
+        make(s)
+    make(4, complete=False)  # a save that was killed
+    (root / "step_00000001_universal").mkdir()
+    ck.atomic_write_text(str(root / ck.LATEST), "step_00000003")
+    assert ck.read_latest(str(root)) == "step_00000003"
+    assert ck.complete_tags(str(root)) == ["step_00000001", "step_00000002", "step_00000003"]
+    removed = ck.prune(str(root), keep_last=2)
+    assert sorted(os.path.basename(r) for r in removed) == ["step_00000001", "step_00000001_universal",
+                                                            "step_00000004"]
+    assert ck.find_checkpoint(str(tmp_path), "train.resume") == (str(root), "step_00000003")
+    ck.atomic_write_text(str(root / ck.LATEST), "step_00000009")
+    with pytest.raises(ck.CheckpointError, match="missing or incomplete"):
+        ck.read_latest(str(root))
+    with pytest.raises(ck.CheckpointError, match="incomplete checkpoint"):
+        ck.find_checkpoint(str(make(5, complete=False)), "train.resume")
+    assert not [f for f in os.listdir(root) if f.startswith(".")]  # no temp files left

@@ -50,14 +50,74 @@ def _check_run(run_dir, steps, world, every=3, keep=2):
     return recs, events
 
 
-def test_train_single_process(tmp_path, shards):
-    run = str(tmp_path / "run")
-    p = run_train(TINY_TEXT, [f"run_dir={run}", _src(shards)])
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, shards, tiny_t5_dir, tiny_vae_dir):
+    """One single-process run (TensorBoard and a sample grid every 3 steps on) shared by several tests."""
+    run = str(tmp_path_factory.mktemp("single") / "run")
+    p = run_train(TINY_TEXT, [f"run_dir={run}", _src(shards), "log.tensorboard=true", "log.sample_every_steps=3",
+                              "log.sample_prompts=[a red square, a blue circle]", "sample.steps=2",
+                              f"encoders.text_encoder={tiny_t5_dir}", f"encoders.vae={tiny_vae_dir}"])
     assert p.returncode == 0, describe(p)
+    return run, p
+
+
+def test_train_single_process(single_run):
+    run, p = single_run
     assert "done at step 6" in p.stdout
     recs, events = _check_run(run, 6, 1)
-    assert [e for e in events if e["event"] == "start"][0]["launcher"] == "single"
-    assert [e for e in events if e["event"] == "start"][0]["grad_accum"] == 4  # 8 = 2 x 4 x 1
+    start = [e for e in events if e["event"] == "start"][0]
+    assert start["launcher"] == "single" and start["grad_accum"] == 4  # 8 = 2 x 4 x 1
+    assert [e["step"] for e in events if e["event"] == "sample"] == [3, 6]
+    from PIL import Image
+
+    grid = Image.open(os.path.join(run, "samples", "step_00000006.png"))
+    assert grid.size[0] > 64 and grid.size[1] >= 64  # two 64x64 samples side by side (+ padding)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run, "tensorboard")))
+    assert "Traceback" not in p.stderr and "sample grid at step" not in p.stderr
+
+
+def test_time_limit_stops_with_requeue_code_and_resumes_exactly(tmp_path, shards, single_run, tiny_t5_dir,
+                                                                 tiny_vae_dir):
+    """train.time_limit_s: checkpoint + exit 75 at the first step boundary past the limit; the same command without
+    the limit (an allowed change) resumes, and the per-step losses equal the uninterrupted run's."""
+    from pixart_ds.train.trainer import REQUEUE_EXIT_CODE
+
+    run = str(tmp_path / "run")
+    common = [f"run_dir={run}", _src(shards), "log.tensorboard=true", "log.sample_every_steps=3",
+              "log.sample_prompts=[a red square, a blue circle]", "sample.steps=2",
+              f"encoders.text_encoder={tiny_t5_dir}", f"encoders.vae={tiny_vae_dir}"]
+    p = run_train(TINY_TEXT, common + ["train.time_limit_s=0.001"])
+    assert p.returncode == REQUEUE_EXIT_CODE, describe(p)
+    assert "stopped at step 1 with a checkpoint" in p.stderr
+    assert latest_tag(run) == "step_00000001"
+    p = run_train(TINY_TEXT, common)
+    assert p.returncode == 0, describe(p)
+    recs, events = read_metrics(run)
+    assert [e["reason"] for e in events if e["event"] == "stop"] == ["train.time_limit_s=0.001"]
+    ref, _ = read_metrics(single_run[0])
+    assert sorted(recs) == sorted(ref) == list(range(1, 7))
+    assert [recs[s]["loss"] for s in recs] == [ref[s]["loss"] for s in recs]
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, shards):
+    """Injected NaN loss (rank 0) at step 2, then 4-6 with train.max_nonfinite_steps=3: step 2 is skipped and
+    counted and training goes on; three in a row stop the run at step 6 with exit code 3, naming the steps; no
+    checkpoint is written after the first bad step (the latest, step 3, predates it)."""
+    from pixart_ds.train.trainer import NONFINITE_EXIT_CODE
+
+    run = str(tmp_path / "run")
+    p = run_train(TINY_TEXT, [f"run_dir={run}", _src(shards), "train.total_steps=9", "train.max_nonfinite_steps=3"],
+                  env={"PIXART_DS_INJECT_NAN_AT_STEP": "2,4-6"})
+    assert p.returncode == NONFINITE_EXIT_CODE, describe(p)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("pixart-ds train: error:")]
+    assert len(err) == 1 and "stopped at step 6: 3 consecutive non-finite steps (first at step 4" in err[0]
+    assert "latest checkpoint: step_00000003" in err[0]
+    recs, events = read_metrics(run)
+    assert [s for s in recs if recs[s]["skipped"]] == [2, 4, 5, 6]
+    assert recs[2]["skipped_total"] == 1 and recs[6]["skipped_total"] == 4
+    assert recs[2]["loss"] == "nan" and recs[3]["loss"] < 10  # training went on after the isolated bad step
+    assert latest_tag(run) == "step_00000003"
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
@@ -199,12 +259,11 @@ def test_bad_input_subprocess(tmp_path, shards):
     assert "Traceback" not in p.stderr
 
 
-def test_resume_refuses_changed_recipe(tmp_path, shards, cli_inproc):
-    run = str(tmp_path / "run")
-    p = run_train(TINY_TEXT, [f"run_dir={run}", _src(shards), "train.total_steps=1", "checkpoint.every_steps=1"])
-    assert p.returncode == 0, describe(p)
-    rc, err = cli_inproc("train", TINY_TEXT, f"run_dir={run}", _src(shards), "train.total_steps=2", "train.lr=0.002",
+def test_resume_refuses_changed_recipe(tmp_path, shards, single_run, cli_inproc):
+    run = single_run[0]
+    rc, err = cli_inproc("train", TINY_TEXT, f"run_dir={run}", _src(shards), "train.total_steps=8", "train.lr=0.002",
                          "model.mlp_ratio=2.0")
     assert rc == 2
     assert "the recipe changed since this checkpoint was written: model.mlp_ratio (4.0 -> 2.0), train.lr (0.001 -> " \
            "0.002); pass --allow-config-change" in err, err
+    assert latest_tag(run) == "step_00000006"  # nothing written

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -46,6 +47,9 @@ META = "pixart_ds.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 CLIENT_VERSION = 1
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+# Test hook (reliability tests): every rank SIGKILLs itself inside the save of this step, after DeepSpeed wrote its
+# files and before pixart_ds.json / `latest` are written -- the worst moment for a crash.
+KILL_IN_SAVE_ENV = "PIXART_DS_TEST_KILL_IN_SAVE_AT_STEP"
 
 # Recipe keys that may change between save and resume without --allow-config-change: they do not change what is
 # trained (logging, checkpointing, sampling, stop conditions, I/O tuning, encoders used only for sample grids, the
@@ -230,6 +234,8 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep_last: int, me
         except OSError as e:
             error = f"rank {rank}: {type(e).__name__}: {e}"
     errors = [e for e in gather_objects(error) if e]
+    if not errors and os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: every rank dies with all files written, before `latest`
     if errors:
         prev = read_latest(root) if rank == 0 else None
         if rank == 0:

@@ -301,7 +301,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     batches = _Batches(loader)
     nonfinite_run, first_bad, due = 0, None, False
     last_saved = step if plan is not None else -1
-    rc = 0
+    rc, error_msg = 0, None
     try:
         while step < cfg.train.total_steps:
             # ---- one optimizer step ----
@@ -326,8 +326,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
                            f"{first_bad}; train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
                            f"latest checkpoint: {latest or 'none'}")
                     metrics.event("nonfinite", step, message=msg)
-                    if is_main:
-                        print(f"pixart-ds train: error: {msg}", file=sys.stderr)
+                    error_msg = msg
                     rc = NONFINITE_EXIT_CODE
                     break
             else:
@@ -368,6 +367,9 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     finally:
         stop.restore()
         metrics.close()
+    # after the progress bar is closed, so these lines start on a line of their own
+    if is_main and error_msg:
+        print(f"pixart-ds train: error: {error_msg}", file=sys.stderr)
     if is_main and rc == 0:
         print(f"pixart-ds train: done at step {step}; checkpoints in {ckpt.ckpt_root(run_dir)}; "
               f"metrics in {os.path.join(run_dir, 'metrics.jsonl')}")
