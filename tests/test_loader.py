@@ -559,6 +559,10 @@ def test_build_time_errors_name_key_and_shard(tmp_path):
         (make_cfg([dict(local=text)], global_batch=32), "train.global_batch_size", text),
         (make_cfg([dict(local=text)], num_canonical_nodes=64), "data.num_canonical_nodes", text),
     ]
+    tiny_buckets = str(tmp_path / "tb")
+    write_bucketed_source(tiny_buckets, {(8, 8): 3, (4, 16): 2}, text_dim=TEXT_DIM, seed=16)
+    cases.append((make_cfg([dict(local=tiny_buckets)], multi_scale=True, global_batch=4), "data.sources[0].local",
+                  tiny_buckets))
     for cfg, key, path in cases:
         with pytest.raises(ConfigError) as e:
             build_loader(cfg, 4)

@@ -244,7 +244,8 @@ def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
     ncn = d.num_canonical_nodes or DEFAULT_NUM_CANONICAL_NODES
     if d.multi_scale:
         # A bucket must fill one global micro-batch, and (py1e shuffle) give each canonical node a sample.
-        parts = _drop_small_buckets(cfg, parts, max(global_micro_batch, ncn if d.shuffle else 1))
+        parts = _drop_small_buckets(cfg, parts, max(global_micro_batch, ncn if d.shuffle else 1),
+                                    shuffle_block_size(cfg) if d.shuffle else None)
     # Relative weights: a source's proportion split over its buckets by their sizes.
     if all(p.weight is not None for p in parts):
         per_source = {}
@@ -270,9 +271,17 @@ def _epoch_estimate(parts: list[_Part]) -> int:
     return int(sum(p.samples for p in parts))
 
 
-def _drop_small_buckets(cfg: Config, parts: list[_Part], min_draws: int) -> list[_Part]:
+def shuffle_block_size(cfg: Config) -> int:
+    """data.shuffle_block_size, or Streaming's own default made explicit (so the order never depends on when it is
+    derived): max(4M / num_canonical_nodes, 2^18) samples."""
+    ncn = cfg.data.num_canonical_nodes or DEFAULT_NUM_CANONICAL_NODES
+    return cfg.data.shuffle_block_size or max(4_000_000 // ncn, 1 << 18)
+
+
+def _drop_small_buckets(cfg: Config, parts: list[_Part], min_draws: int, block: Optional[int]) -> list[_Part]:
     """Leave out buckets drawing fewer than `min_draws` samples per epoch: per_stream batching needs one full global
-    micro-batch per stream, and the py1e shuffle one sample per canonical node."""
+    micro-batch per stream, and the py1e shuffle one sample per canonical node. With shuffling, per_stream also gives
+    each stream a block of int(block x its share of the epoch) samples, which must not round to 0."""
     d = cfg.data
     weighted = all(p.weight is not None for p in parts)
     while True:
@@ -285,16 +294,14 @@ def _drop_small_buckets(cfg: Config, parts: list[_Part], min_draws: int) -> list
             draws = {id(p): total * src_share[p.source] * p.samples / src_n[p.source] for p in parts}
         else:
             draws = {id(p): p.samples for p in parts}
-        small = [p for p in parts if draws[id(p)] < min_draws]
+        epoch = sum(draws.values())
+        small = [p for p in parts if draws[id(p)] < min_draws or (block and int(block * draws[id(p)] / epoch) < 1)]
         if not small:
             return parts
         logger.warning("multi-scale: leaving out %d bucket stream(s) drawing fewer than %d samples per epoch (one "
                        "global micro-batch, one per canonical node): %s", len(small), min_draws,
                        ", ".join(f"{p.path} ({p.samples})" for p in small))
         parts = [p for p in parts if p not in small]
-        if not parts:
-            raise ConfigError(f"data.sources: no bucket stream draws the {min_draws} samples per epoch needed for one "
-                              f"global micro-batch (micro batch x world size) and one per canonical node")
         missing = set(range(len(d.sources))) - {p.source for p in parts}
         if missing:
             i = min(missing)
@@ -386,8 +393,7 @@ def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, cl
     streams = [Stream(local=p.path, remote=p.remote, proportion=p.weight if weighted else None) for p in parts]
     d = cfg.data
     ncn = d.num_canonical_nodes or DEFAULT_NUM_CANONICAL_NODES
-    # Streaming's own default, made explicit so the order never depends on when it is derived.
-    block = d.shuffle_block_size or max(4_000_000 // ncn, 1 << 18)
+    block = shuffle_block_size(cfg)
     ds = FeatureDataset(
         cfg=cfg,
         streams=streams,
