@@ -181,6 +181,7 @@ def test_ds_config_from_recipe():
     assert o["type"] == "AdamW" and o["params"]["lr"] == 2e-5 and o["params"]["eps"] == 1e-10
     assert o["params"]["weight_decay"] == 0.03 and o["params"]["torch_adam"] is False
     assert d["checkpoint"]["load_universal"] is False
+    assert d["log_level"] == "warning" and d["steps_per_print"] >= 1
     d8 = ds_config(cfg, world_size=8)  # same global batch at another world size: more accumulation
     assert d8["train_batch_size"] == 11392
     assert d8["train_micro_batch_size_per_gpu"] * d8["gradient_accumulation_steps"] * 8 == 11392

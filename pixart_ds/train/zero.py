@@ -94,7 +94,10 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
             },
         },
         "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": True, "overlap_comm": False},
-        "steps_per_print": max(1, cfg.log.every_steps) * 100,  # our own metrics are the log; keep DS quiet
+        # Explicit (stack-notes: DeepSpeed >= 0.18 logs at WARNING): our metrics.jsonl is the log, DeepSpeed's own
+        # progress lines stay rare.
+        "log_level": "warning",
+        "steps_per_print": max(1, cfg.log.every_steps) * 100,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": False,
         "checkpoint": {"load_universal": bool(load_universal), "tag_validation": "Fail"},
@@ -115,8 +118,7 @@ def initialize(model: torch.nn.Module, cfg: C.Config, world_size: int, load_univ
 
     from deepspeed.utils import logger as ds_logger
 
-    # DeepSpeed >= 0.18 logs at WARNING; keep it there (our metrics are the log) but make the choice explicit.
-    ds_logger.setLevel(logging.WARNING)
+    ds_logger.setLevel(logging.WARNING)  # same choice as the config's log_level, for the messages before it is read
     if not torch.cuda.is_available() and os.environ.get("PIXART_DS_CPU_SHM_COMM") != "1":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op with g++ the first time (minutes on a small
         # machine) and its kernels need AVX-512 for bf16. gloo is enough for CPU runs (tests, the demo); the
