@@ -174,16 +174,108 @@ def read_log(path: str) -> str:
         return f.read()
 
 
+@pytest.mark.slurm
+def test_local_cluster_up_is_idempotent(cluster):
+    """`up` on a running cluster: no restart, no rewrite, the node stays usable; the config is the stack-notes one."""
+    script = os.path.join(REPO, "slurm", "local-cluster.sh")
+    conf = "/etc/slurm/slurm.conf"
+    before = os.stat(conf).st_mtime_ns
+    for _ in range(2):
+        p = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert re.search(r"node \S+ is (idle|mix|alloc)", p.stderr), p.stderr
+        assert "starting" not in p.stderr and "wrote" not in p.stderr, p.stderr
+    assert os.stat(conf).st_mtime_ns == before
+    text = open(conf).read()
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    for line in ("ClusterName=local", f"SlurmctldHost={host}", "ProctrackType=proctrack/linuxproc",
+                 "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+                 "AccountingStorageType=accounting_storage/none"):
+        assert line in text.splitlines(), line
+    node = re.search(r"^NodeName=(\S+) CPUs=(\d+) RealMemory=(\d+)", text, re.M)
+    assert node.group(1) == host and int(node.group(2)) == os.cpu_count()
+    total_mb = int(open("/proc/meminfo").readline().split()[1]) // 1024
+    assert 0 < int(node.group(3)) < total_mb
+    assert "OverSubscribe=YES" in re.search(r"^PartitionName=.*$", text, re.M).group(0)
+    p = subprocess.run(["bash", script, "status"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "slurmctld: running" in p.stdout and "slurmd: running" in p.stdout, p.stdout
+
+
+SBATCH_FILES = ["stage1.sbatch", "stage2.sbatch", "stage3.sbatch", "ablation.sbatch", "features.sbatch",
+                "caption.sbatch"]
+TRAINING = SBATCH_FILES[:4]
+
+
+def _directives(name: str) -> dict:
+    out = {}
+    with open(os.path.join(REPO, "slurm", name)) as f:
+        for line in f:
+            m = re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line)
+            if m:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("name", SBATCH_FILES)
+def test_sbatch_defaults_are_a_gpu_cluster_and_no_hyperparameters(name):
+    d = _directives(name)
+    assert d["gpus-per-node"] == "8" and d["ntasks-per-node"] == "8" and "nodes" in d and "time" in d
+    if name in TRAINING:
+        # USR1 to every rank (no "B:" = not only the batch shell) some minutes before the limit; requeue allowed;
+        # the requeued run appends to the same log.
+        assert re.fullmatch(r"USR1@\d+", d["signal"]) and "requeue" in d and d["open-mode"] == "append"
+    body = [ln for ln in open(os.path.join(REPO, "slurm", name)) if not ln.lstrip().startswith("#")]
+    keys = re.compile(r"\b(train|model|data|diffusion|checkpoint|log|sample)\.\w+=|--(lr|steps|batch)")
+    assert not [ln for ln in body if keys.search(ln)], "hyperparameters belong in recipes"
+    p = subprocess.run(["bash", "-n", os.path.join(REPO, "slurm", name)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.slurm
+def test_sbatch_files_pick_their_recipe_and_reject_bad_variables(cluster, tmp_path):
+    """Every launcher under Slurm with PYTHON=echo (a dry run: each rank prints the command it would run):
+    stage 1/2/3 and ablation choose their recipe by RES / VARIANT, features/caption pass their inputs; bad or
+    missing variables fail the job with a message naming the variable."""
+    cases = {
+        "s1": ("stage1.sbatch", {}, "recipes/stage1_imagenet256.yaml"),
+        "s3": ("stage3.sbatch", {"RES": "1024"}, "recipes/stage3_hq1024.yaml"),
+        "ab": ("ablation.sbatch", {"VARIANT": "adaln"}, "recipes/ablation_adaln.yaml"),
+        "ft": ("features.sbatch", {"IN": "raw", "OUT": "feat", "VAE": "vae"}, "features --in raw --out feat --vae vae"),
+        "cp": ("caption.sbatch", {"IN": "raw", "OUT": "cap", "MODEL": "llava"}, "caption --in raw --out cap --model llava"),
+        "bad_res": ("stage3.sbatch", {"RES": "300"}, "RES=300"),
+        "no_variant": ("ablation.sbatch", {}, "set VARIANT=adaln or VARIANT=adaln_single"),
+        "no_in": ("features.sbatch", {"OUT": "feat", "VAE": "vae"}, "set IN to the raw MDS directory"),
+    }
+    jobs = {}
+    for key, (name, variables, _) in cases.items():
+        log = str(tmp_path / f"{key}.out")
+        jobs[key] = (sbatch(name, *CPU_NODE, f"--output={log}", variables={"PYTHON": "echo", **variables}), log)
+    for key, (name, _, expect) in cases.items():
+        job, log = jobs[key]
+        info = wait_job(job, 120, log)
+        text = read_log(log)
+        assert expect in text, text
+        if key in ("bad_res", "no_variant", "no_in"):
+            assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (key, info["JobState"])
+        else:
+            assert info["JobState"] == "COMPLETED", (key, text)
+            assert text.count(f"-m pixart_ds.cli") >= 3, text  # the batch log line + one line per rank
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: the real sbatch files, the real trainer (2 ranks, DeepSpeed ZeRO-2 on CPU, Streaming)
+#
+# Four trainer launches in all (each costs process start-up + DeepSpeed set-up, far more than the tiny steps):
+# pipeline.sh submits stage1.sbatch -> stage2.sbatch (tiny recipes); that stage-2 job is the uninterrupted
+# reference; then stage2.sbatch is submitted directly with the same recipe and INIT_FROM, signalled mid-run,
+# requeued and resumed, and compared with the reference.
 # ----------------------------------------------------------------------------------------------------------------
 
 TINY_TEXT = os.path.join(REPO, "tests", "recipes", "tiny_text.yaml")
 TINY_CLASS = os.path.join(REPO, "tests", "recipes", "tiny_class.yaml")
 STEPS = 60  # long enough (a few seconds of steps) for the signal to land mid-run
-# Recipe overrides as arguments after the sbatch file (`sbatch slurm/stage2.sbatch key=value ...`).
-TRAIN_ARGS = [f"train.total_steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=2",
-              "checkpoint.every_steps=25", "checkpoint.keep_last=2", "log.sample_ids=true", "log.progress_bar=false"]
+OVERRIDES = [f"train.total_steps={STEPS}", "train.global_batch_size=4", "train.micro_batch_size=2",
+             "checkpoint.every_steps=25", "checkpoint.keep_last=2", "log.sample_ids=true", "log.progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
@@ -198,20 +290,75 @@ def work(tmp_path_factory, cluster):
     return base
 
 
-def _submit_stage2(work, name: str) -> tuple[int, str, str]:
-    run_dir, log = str(work / name), str(work / f"{name}.out")
-    job = sbatch("stage2.sbatch", *CPU_NODE, f"--chdir={work}", f"--output={log}",
-                 variables={"RECIPE": TINY_TEXT, "RUN_DIR": run_dir}, args=TRAIN_ARGS)
-    return job, run_dir, log
-
-
 @pytest.fixture(scope="module")
-def reference(work):
-    """stage2.sbatch, uninterrupted."""
+def chain(work):
+    """`slurm/pipeline.sh --stages 1,2` with the tiny recipes; returns what it printed and what Slurm said."""
     t0 = time.time()
-    job, run_dir, log = _submit_stage2(work, "reference")
-    info = wait_job(job, 300, log)
-    return {"job": job, "info": info, "run_dir": run_dir, "log": log, "seconds": time.time() - t0}
+    runs = work / "pipeline"
+    cmd = ["bash", os.path.join(REPO, "slurm", "pipeline.sh"), "--stages", "1,2", "--recipe", f"1={TINY_CLASS}",
+           "--recipe", f"2={TINY_TEXT}", "--runs", str(runs), "--",
+           *CPU_NODE, f"--chdir={work}", f"--output={work}/%x-%j.out"]
+    # EXTRA reaches every stage through the environment (sbatch --export=ALL), shell-quoted words.
+    env = dict(os.environ, EXTRA=" ".join(OVERRIDES))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [dict(kv.split("=", 1) for kv in line.split()) for line in p.stdout.splitlines()]
+    assert [ln["stage"] for ln in lines] == ["1", "2"], p.stdout
+    s1, s2 = lines
+    j1, j2 = int(s1["job"]), int(s2["job"])
+    pending2 = job_info(j2)  # while stage 1 still runs
+    done1 = wait_job(j1, 300, os.path.join(work, f"pixart-tiny_class-{j1}.out"))
+    log2 = os.path.join(work, f"pixart-tiny_text-{j2}.out")
+    done2 = wait_job(j2, 300, log2) if done1["JobState"] == "COMPLETED" else job_info(j2)
+    return {"lines": lines, "j1": j1, "j2": j2, "pending2": pending2, "done1": done1, "done2": done2,
+            "log2": log2, "run1": s1["run_dir"], "run2": s2["run_dir"], "seconds": time.time() - t0}
+
+
+@pytest.mark.slurm
+def test_pipeline_chains_stage1_into_stage2(work, chain):
+    """pipeline.sh: stage 2 waits for stage 1 (afterok) and starts from stage 1's run directory."""
+    from pixart_ds.train.metrics import read_metrics
+
+    s1, s2 = chain["lines"]
+    runs = work / "pipeline"
+    assert s1["run_dir"] == str(runs / "tiny_class") and s1["init_from"] == "-"
+    assert s2["run_dir"] == str(runs / "tiny_text") and s2["init_from"] == s1["run_dir"]
+    assert chain["pending2"]["Dependency"].startswith(f"afterok:{chain['j1']}"), chain["pending2"]["Dependency"]
+    assert chain["pending2"]["JobState"] == "PENDING"
+    assert chain["done1"]["JobState"] == "COMPLETED" and chain["done1"]["ExitCode"] == "0:0", chain["done1"]
+    log2 = read_log(chain["log2"])
+    assert chain["done2"]["JobState"] == "COMPLETED" and chain["done2"]["ExitCode"] == "0:0", log2[-3000:]
+    assert f"train.init_from={s1['run_dir']}" in log2  # INIT_FROM reached the trainer's command line
+    import yaml
+
+    with open(os.path.join(chain["run2"], "config.yaml")) as f:
+        assert yaml.safe_load(f)["train"]["init_from"] == s1["run_dir"]
+    _, events = read_metrics(os.path.join(chain["run2"], "metrics.jsonl"))
+    start = [e for e in events if e["event"] == "start"][0]
+    assert s1["run_dir"] in (start["init"] or ""), start  # stage 2 really started from stage 1's weights
+    print(f"\npipeline stage 1 -> stage 2: {chain['seconds']:.0f} s; init: {start['init']}")
+
+
+@pytest.mark.slurm
+def test_stage2_sbatch_trains_checkpoints_and_exits_0(chain):
+    """The stage-2 job of the chain is `sbatch [CPU options] slurm/stage2.sbatch`; its state is read from Slurm."""
+    from pixart_ds.train.metrics import read_metrics
+
+    info = chain["done2"]
+    log = read_log(chain["log2"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["Restarts"] == "0" and info["NumTasks"] == "2" and info["NumNodes"] == "1"
+    assert info["Command"] == os.path.join(REPO, "slurm", "stage2.sbatch")
+    steps, events = read_metrics(os.path.join(chain["run2"], "metrics.jsonl"))
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    start = [e for e in events if e["event"] == "start"][0]
+    # common.sh exported the standard names (RANK, LOCAL_WORLD_SIZE, ...) in each task, so dist.py reads those.
+    assert start["world_size"] == 2 and start["launcher"] in ("srun", "torchrun")
+    ckpts = sorted(os.listdir(os.path.join(chain["run2"], "checkpoints")))
+    assert "step_00000060" in ckpts and "step_00000050" in ckpts
+    with open(os.path.join(chain["run2"], "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000060"
+    assert "pixart-ds train: done at step 60" in log and "finished" in log
 
 
 def _export(run_dir: str, out: str, use_ema: bool) -> dict:
@@ -224,36 +371,18 @@ def _export(run_dir: str, out: str, use_ema: bool) -> dict:
 
 
 @pytest.mark.slurm
-def test_stage2_sbatch_trains_checkpoints_and_exits_0(reference):
-    from pixart_ds.train.metrics import read_metrics
-
-    info = reference["info"]
-    log = read_log(reference["log"])
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
-    assert info["Restarts"] == "0" and info["NumTasks"] == "2" and info["NumNodes"] == "1"
-    assert info["Command"] == os.path.join(REPO, "slurm", "stage2.sbatch")
-    steps, events = read_metrics(os.path.join(reference["run_dir"], "metrics.jsonl"))
-    assert sorted(steps) == list(range(1, STEPS + 1))
-    start = [e for e in events if e["event"] == "start"][0]
-    # common.sh exported the standard names (RANK, LOCAL_WORLD_SIZE, ...) in each task, so dist.py reads those.
-    assert start["world_size"] == 2 and start["launcher"] in ("srun", "torchrun")
-    ckpts = sorted(os.listdir(os.path.join(reference["run_dir"], "checkpoints")))
-    assert "step_00000060" in ckpts and "step_00000050" in ckpts
-    with open(os.path.join(reference["run_dir"], "checkpoints", "latest")) as f:
-        assert f.read().strip() == "step_00000060"
-    assert "pixart-ds train: done at step 60" in log and "finished" in log
-    print(f"\nstage2.sbatch, {STEPS} steps, 2 tasks: {reference['seconds']:.0f} s from submit to COMPLETED")
-
-
-@pytest.mark.slurm
-def test_preempted_job_requeues_resumes_and_matches_uninterrupted(work, reference):
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted(work, chain):
     """SIGUSR1 mid-run (what --signal=USR1@T sends before the time limit): every rank stops at the next step
     boundary and checkpoints, the job requeues itself, the requeued run (SLURM_RESTART_COUNT=1) resumes from that
     checkpoint and ends with the same weights and the same samples in the same order as the uninterrupted job."""
     from pixart_ds.train.metrics import read_metrics
 
+    assert chain["done2"]["JobState"] == "COMPLETED", "the reference (the chain's stage 2) did not complete"
     t0 = time.time()
-    job, run_dir, log = _submit_stage2(work, "preempted")
+    run_dir, log = str(work / "preempted"), str(work / "preempted.out")
+    # Same recipe and init as the chain's stage 2; the overrides as arguments after the sbatch file this time.
+    job = sbatch("stage2.sbatch", *CPU_NODE, f"--chdir={work}", f"--output={log}",
+                 variables={"RECIPE": TINY_TEXT, "RUN_DIR": run_dir, "INIT_FROM": chain["run1"]}, args=OVERRIDES)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 240
     while True:  # signal once a few steps are done, so the trainer's handler is installed
@@ -263,6 +392,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(work, referenc
         assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (info, read_log(log)[-3000:])
         assert time.time() < deadline, read_log(log)[-3000:]
         time.sleep(0.2)
+    # Signals the job's steps (all ranks), not the batch shell: what --signal=USR1@T without B: does.
     subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, timeout=30)
     t_signal = time.time()
     requeued = wait_job(job, 120, log, states={"PENDING", "REQUEUED"} | TERMINAL)
@@ -274,6 +404,7 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(work, referenc
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
     assert info["Restarts"] == "1"
     assert "restart 0;" in text and "requeueing" in text and "restart 1;" in text  # one log, both runs
+    assert "pixart-ds train: done at step 60" in text
 
     steps, events = read_metrics(metrics)
     stop = [e for e in events if e["event"] == "stop"]
@@ -282,57 +413,17 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(work, referenc
     assert len(resume) == 1 and resume[0]["step"] == stop[0]["step"], resume
     assert resume[0]["checkpoint"].endswith(f"step_{stop[0]['step']:08d}")
 
-    ref, _ = read_metrics(os.path.join(reference["run_dir"], "metrics.jsonl"))
+    ref, _ = read_metrics(os.path.join(chain["run2"], "metrics.jsonl"))
     assert sorted(steps) == sorted(ref) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert steps[s]["sample_idx"] == ref[s]["sample_idx"], f"step {s}: sample order differs"
         assert steps[s]["loss"] == ref[s]["loss"], f"step {s}: loss {steps[s]['loss']} vs {ref[s]['loss']}"
     for use_ema in (True, False):
         tag = "ema" if use_ema else "raw"
-        a = _export(reference["run_dir"], str(work / f"reference_{tag}"), use_ema)
+        a = _export(chain["run2"], str(work / f"reference_{tag}"), use_ema)
         b = _export(run_dir, str(work / f"preempted_{tag}"), use_ema)
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()), f"{tag} weight {k} differs"
     print(f"\npreempted at step {stop[0]['step']}: signal -> requeued {t_requeue - t_signal:.0f} s, "
           f"requeued -> COMPLETED {time.time() - t_requeue:.0f} s, total {time.time() - t0:.0f} s")
-
-
-@pytest.mark.slurm
-def test_pipeline_chains_stage1_into_stage2(work):
-    """pipeline.sh: stage 2 waits for stage 1 (afterok) and starts from stage 1's run directory."""
-    from pixart_ds.train.metrics import read_metrics
-
-    t0 = time.time()
-    runs = work / "pipeline"
-    cmd = ["bash", os.path.join(REPO, "slurm", "pipeline.sh"), "--stages", "1,2", "--recipe", f"1={TINY_CLASS}",
-           "--recipe", f"2={TINY_TEXT}", "--runs", str(runs), "--",
-           *CPU_NODE, f"--chdir={work}", f"--output={work}/%x-%j.out"]
-    # EXTRA reaches every stage through the environment (sbatch --export=ALL).
-    env = dict(os.environ, EXTRA="log.progress_bar=false log.every_steps=1")
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
-    assert p.returncode == 0, p.stderr
-    lines = [dict(kv.split("=", 1) for kv in line.split()) for line in p.stdout.splitlines()]
-    assert [ln["stage"] for ln in lines] == ["1", "2"]
-    s1, s2 = lines
-    j1, j2 = int(s1["job"]), int(s2["job"])
-    assert s1["run_dir"] == str(runs / "tiny_class") and s1["init_from"] == "-"
-    assert s2["run_dir"] == str(runs / "tiny_text") and s2["init_from"] == s1["run_dir"]
-
-    info2 = job_info(j2)
-    assert info2["Dependency"].startswith(f"afterok:{j1}"), info2["Dependency"]
-    assert info2["JobState"] == "PENDING"
-    done1 = wait_job(j1, 240)
-    assert done1["JobState"] == "COMPLETED" and done1["ExitCode"] == "0:0"
-    done2 = wait_job(j2, 240)
-    log2 = read_log(os.path.join(work, f"pixart-tiny_text-{j2}.out"))
-    assert done2["JobState"] == "COMPLETED" and done2["ExitCode"] == "0:0", log2[-3000:]
-    assert f"train.init_from={s1['run_dir']}" in log2  # INIT_FROM reached the trainer
-    import yaml
-
-    with open(os.path.join(s2["run_dir"], "config.yaml")) as f:
-        assert yaml.safe_load(f)["train"]["init_from"] == s1["run_dir"]
-    _, events = read_metrics(os.path.join(s2["run_dir"], "metrics.jsonl"))
-    start = [e for e in events if e["event"] == "start"][0]
-    assert start["init"], start  # stage 2 really started from stage 1's weights
-    print(f"\npipeline stage 1 -> stage 2: {time.time() - t0:.0f} s; init: {start['init']}")
