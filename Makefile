@@ -2,7 +2,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-dev demo test test-fast slurm-up slurm-down gpu-check
+.PHONY: install install-dev demo test test-fast slurm-up slurm-down slurm-status test-slurm gpu-check
 
 install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -25,6 +25,12 @@ slurm-up:
 
 slurm-down:
 	bash slurm/local-cluster.sh down
+
+slurm-status:
+	bash slurm/local-cluster.sh status
+
+test-slurm: slurm-up
+	$(PY) -m pytest -q tests/test_slurm.py
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
