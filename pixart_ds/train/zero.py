@@ -123,9 +123,11 @@ def initialize(model: torch.nn.Module, cfg: C.Config, world_size: int, load_univ
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op with g++ the first time (minutes on a small
         # machine) and its kernels need AVX-512 for bf16. gloo is enough for CPU runs (tests, the demo); the
         # compatibility table is a module-level dict DeepSpeed documents as editable.
-        import deepspeed.ops
+        # `import deepspeed.ops as ...`: a bare `import deepspeed.ops` here would make `deepspeed` a local name of
+        # this function and break the GPU path below (UnboundLocalError).
+        import deepspeed.ops as ds_ops
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
     warmup = cfg.train.warmup_steps
 
     def make_scheduler(optimizer):
