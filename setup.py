@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pixart_ds", "pixart_ds.*"]),
+    # The demo's VAE, fitted to the embedded dataset (pixart_ds/data/synthetic_vae.py).
+    package_data={"pixart_ds.data": ["assets/synthetic_vae/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",
