@@ -71,7 +71,7 @@ write_conf() {
     local cpus mem
     cpus=$(nproc)
     # RealMemory must not exceed what slurmd measures, or the node is drained ("Low RealMemory").
-    mem=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
+    mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p "$SCRATCH/state" "$SCRATCH/spool" "$SCRATCH/log" "$(dirname "$CONF")"
     local tmp
     tmp=$(mktemp "$CONF.XXXXXX")
