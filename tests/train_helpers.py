@@ -84,3 +84,26 @@ def latest_tag(run_dir: str) -> str:
 def meta(run_dir: str, tag: str) -> dict:
     with open(os.path.join(run_dir, "checkpoints", tag, "pixart_ds.json")) as f:
         return json.load(f)
+
+
+def worker_pids(launcher_pid: int, pattern: str = "pixart_ds.cli") -> list[int]:
+    """The training processes below a launcher (children of torchrun, grandchildren under the deepspeed runner)."""
+    out, todo = [], [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode()
+            except FileNotFoundError:
+                continue
+            if pattern in cmd and "deepspeed.launcher" not in cmd and "torch.distributed.run" not in cmd:
+                out.append(k)
+            else:
+                todo.append(k)
+    return sorted(out)
