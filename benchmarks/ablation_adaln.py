@@ -46,19 +46,19 @@ def parse_args(argv=None):
     p.add_argument("--skip-throughput", action="store_true", help="parts 1 and 3 only")
     p.add_argument("--throughput-arg", action="append", default=[],
                    help="extra argument for benchmarks/throughput.py (repeatable), e.g. --throughput-arg=--steps=3")
-    # Part 3: the training run (small enough for a CPU; both variants get exactly the same settings).
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per variant")
-    p.add_argument("--batch", type=int, default=32, help="global batch (one process)")
-    p.add_argument("--lr", type=float, default=3e-4)
+    # Part 3: the training run. Model, optimizer and data sizes come from recipes/demo.yaml (the demo's stage 2,
+    # sized for minutes on a CPU), trained from scratch (no init_from); the flags below override them.
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the demo's)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the demo's)")
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--samples", type=int, default=2048, help="images in the embedded training set")
-    p.add_argument("--resolution", type=int, default=None, help="px (default: the fitted VAE's, else 64)")
-    p.add_argument("--preset", default="PixArt-S/2")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--text-tokens", type=int, default=120, help="caption tokens (features keep up to 120)")
-    p.add_argument("--eval-prompts", type=int, default=32, help="prompts sampled per variant (half held out)")
-    p.add_argument("--sample-steps", type=int, default=14)
+    p.add_argument("--resolution", type=int, default=None, help="px (default: the demo's / the VAE's)")
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--text-tokens", type=int, default=None, help="caption tokens (default: the demo's)")
+    p.add_argument("--eval-prompts", type=int, default=64, help="prompts sampled per variant (half held out)")
+    p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--vae", default=None, help="a VAE folder (default: the fitted embedded-dataset VAE if shipped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed afterwards)")
@@ -125,9 +125,59 @@ def _run(cmd: list[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit code {p.returncode})")
 
 
+DEMO_RECIPE = os.path.join(REPO, "recipes", "demo.yaml")
+
+
+def _demo_recipe() -> dict | None:
+    import yaml
+
+    if not os.path.isfile(DEMO_RECIPE):
+        return None
+    with open(DEMO_RECIPE) as f:
+        return yaml.safe_load(f)
+
+
+def _base_recipe(a, t5, t5_width, vae, vae_scale, feat, res, gpu) -> dict:
+    """The training recipe both variants share: the demo's stage 2 (recipes/demo.yaml) from scratch, or built-in
+    small defaults without it; command-line flags override either."""
+    demo = _demo_recipe()
+    if demo:
+        model = {k: v for k, v in demo["model"].items() if k not in ("adaln", "init_from")}
+        train = {k: v for k, v in demo["train"].items() if k not in ("init_from", "init_reparam_t")}
+    else:
+        model = {"preset": "PixArt-S/2", "depth": 4, "hidden_size": 192, "num_heads": 3, "max_text_tokens": 120,
+                 "attention": "auto"}
+        train = {"total_steps": 300, "global_batch_size": 32, "micro_batch_size": 32, "lr": 3e-4, "warmup_steps": 30,
+                 "weight_decay": 0.0, "grad_clip": 1.0, "precision": "fp32", "ema_decay": 0.99, "seed": 0,
+                 "torch_adam": True}
+    model.update(condition="text", caption_channels=t5_width, grad_checkpointing=False)
+    for key, val in (("depth", a.depth), ("hidden_size", a.hidden), ("num_heads", a.heads),
+                     ("max_text_tokens", a.text_tokens)):
+        if val is not None:
+            model[key] = val
+    for key, val in (("total_steps", a.steps), ("lr", a.lr)):
+        if val is not None:
+            train[key] = val
+    if a.batch is not None:
+        train["global_batch_size"] = a.batch
+        train["micro_batch_size"] = min(a.batch, train.get("micro_batch_size", a.batch))
+    train.update(seed=a.seed, resume="none", torch_adam=True, precision="bf16" if gpu else train.get("precision",
+                                                                                                      "fp32"))
+    train["warmup_steps"] = min(train.get("warmup_steps", 0), max(0, train["total_steps"] // 10))
+    return {
+        "name": "ablation", "stage": "ablation", "model": model,
+        "encoders": {"text_encoder": t5, "vae": vae, "vae_scale": vae_scale, "text_dtype": "fp32"},
+        "data": {"sources": [{"local": feat}], "resolution": res, "caption_dropout": 0.1, "num_workers": 0,
+                 "num_canonical_nodes": 1},
+        "train": train,
+        "checkpoint": {"every_steps": train["total_steps"], "keep_last": 1},
+        "log": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
+        "sample": (demo or {}).get("sample", {}),
+    }
+
+
 def training_part(a, work: str) -> dict:
     import torch
-    import yaml
 
     from pixart_ds import config as C
     from pixart_ds.data import synthetic
@@ -141,7 +191,8 @@ def training_part(a, work: str) -> dict:
     if vae is None:
         vae = make_tiny_vae(os.path.join(work, "tiny_vae"))
     vae_scale, vae_size = _vae_info(vae)
-    res = a.resolution or (int(vae_size) if fitted and vae_size else 64)
+    demo = _demo_recipe()
+    res = a.resolution or (demo["data"]["resolution"] if demo else (int(vae_size) if fitted and vae_size else 64))
     t5 = make_tiny_t5(os.path.join(work, "tiny_t5"))
     with open(os.path.join(t5, "config.json")) as f:
         t5_width = int(json.load(f)["d_model"])
@@ -153,21 +204,7 @@ def training_part(a, work: str) -> dict:
         _run([sys.executable, "-m", "pixart_ds.cli", "features", "--in", raw, "--out", feat, "--vae", vae,
               "--text-encoder", t5, "--resolution", str(res), "--batch-size", "64"], "features")
 
-    base = {
-        "name": "ablation", "stage": "ablation",
-        "model": {"preset": a.preset, "depth": a.depth, "hidden_size": a.hidden, "num_heads": a.heads,
-                  "condition": "text", "caption_channels": t5_width, "max_text_tokens": a.text_tokens,
-                  "attention": "auto", "grad_checkpointing": False},
-        "encoders": {"text_encoder": t5, "vae": vae, "vae_scale": vae_scale, "text_dtype": "fp32"},
-        "data": {"sources": [{"local": feat}], "resolution": res, "caption_dropout": 0.1, "num_workers": 0,
-                 "num_canonical_nodes": 1},
-        "train": {"total_steps": a.steps, "global_batch_size": a.batch, "micro_batch_size": a.batch, "lr": a.lr,
-                  "warmup_steps": min(50, a.steps // 10), "weight_decay": 0.03, "grad_clip": 1.0,
-                  "precision": "bf16" if gpu else "fp32", "ema_decay": 0.99, "seed": a.seed, "resume": "none",
-                  "torch_adam": True},
-        "checkpoint": {"every_steps": a.steps, "keep_last": 1},
-        "log": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
-    }
+    base = _base_recipe(a, t5, t5_width, vae, vae_scale, feat, res, gpu)
     runs = {}
     for adaln, _ in VARIANTS:
         d = {**base, "model": {**base["model"], "adaln": adaln}, "run_dir": os.path.join(work, f"run_{adaln}"),
@@ -335,7 +372,8 @@ def render(rec: dict, base: str) -> str:
             "", "## 3. Short training, same seed, data and steps", "",
             f"The trainer (`pixart-ds train`, DeepSpeed ZeRO-2, one process) on the embedded shapes dataset: "
             f"{tr['samples']} images at {tr['resolution']} px -> feature MDS (VAE: {tr['vae_kind']}; T5: a small "
-            f"random T5, width {tr['t5_width']}). Model {m['preset']} resized to depth {m['depth']}, hidden "
+            f"random T5, width {tr['t5_width']}). Settings of recipes/demo.yaml (the demo's stage 2) but from scratch "
+            f"(no init_from). Model {m['preset']} resized to depth {m['depth']}, hidden "
             f"{m['hidden_size']}, {m['num_heads']} heads; {t['total_steps']} steps x batch {t['global_batch_size']}, "
             f"lr {t['lr']}, warm-up {t['warmup_steps']}, {t['precision']}, EMA {t['ema_decay']}, seed {t['seed']}; "
             "the two runs differ only in model.adaln.",

@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     parity = {"max_abs_diff": float((o - r).abs().max()), "max_abs_ref": float(r.abs().max())}
     del o, r
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for name in ("ours", "diffusers"):
         for _ in range(a.warmup):
             timed(fns[name], device)
@@ -204,6 +205,8 @@ def main(argv=None) -> int:
                   "text_tokens": a.text_tokens, "caption_channels": a.caption_channels,
                   "grad_checkpointing": a.grad_checkpointing, "warmup": a.warmup, "repeats": a.repeats,
                   "threads": torch.get_num_threads(), "our_attention_backend": backend,
+                  "load_average_before_after": [load_before,
+                                                os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
                   "parameters": sum(p.numel() for p in ours.parameters())},
         "times_s": times, "first_in_round": order, "median_s": med, "ratio_time": ratio,
         "ratio_time_per_round_median": statistics.median(round_ratios),
@@ -222,6 +225,7 @@ def main(argv=None) -> int:
 
 def render(rec: dict) -> str:
     from pixart_ds.bench.report import gib, hardware_md, versions_md
+    from pixart_ds.bench.throughput import _rate
 
     s, hw = rec["setup"], rec["hardware"]
     verdict = "faster than" if rec["ratio_time"] < 1 else "slower than"
@@ -233,14 +237,17 @@ def render(rec: dict) -> str:
         f"{s['parameters'] / 1e6:.1f}M parameters) at {s['resolution']} px, batch {s['batch']}, {s['dtype']}, "
         f"{s['text_tokens']} caption tokens x {s['caption_channels']}, grad checkpointing "
         f"{'on' if s['grad_checkpointing'] else 'off'}; {s['repeats']} interleaved rounds after {s['warmup']} "
-        f"warm-up step(s) each; {s['threads']} torch threads; our attention kernel: {s['our_attention_backend']}. "
+        f"warm-up step(s) each; {s['threads']} torch threads; our attention kernel: {s['our_attention_backend']}; "
+        f"host load average (1 min) {s['load_average_before_after'][0]} before, {s['load_average_before_after'][1]} "
+        f"after. "
         f"Measured {rec['timestamp'][:19]} UTC.",
         "",
         "| | ours | diffusers | ours / diffusers |",
         "|---|---|---|---|",
         f"| forward+backward, median | {rec['median_s']['ours']:.3f} s | {rec['median_s']['diffusers']:.3f} s "
         f"| **{rec['ratio_time']:.3f}** (per-round median {rec['ratio_time_per_round_median']:.3f}) |",
-        f"| achieved TFLOP/s | {rec['tflops_per_s']['ours']:.3f} | {rec['tflops_per_s']['diffusers']:.3f} | |",
+        f"| achieved FLOP/s (model FLOPs) | {_rate(rec['tflops_per_s']['ours'])} | "
+        f"{_rate(rec['tflops_per_s']['diffusers'])} | |",
         f"| peak memory of one step | {gib(rec['peak_step_bytes']['ours'])} | "
         f"{gib(rec['peak_step_bytes']['diffusers'])} | "
         f"**{mem_ratio}** |",

@@ -16,6 +16,7 @@ allocated (and reserved) bytes over the timed steps; on CPU the process's peak r
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from typing import Optional
@@ -24,7 +25,7 @@ import torch
 
 from pixart_ds import config as C
 from pixart_ds.bench import hardware as H
-from pixart_ds.bench.flops import image_flops
+from pixart_ds.bench.flops import format_flops, image_flops
 from pixart_ds.bench.report import peak_rss_reset, rss_bytes
 
 SCHEMA = "pixart_ds.throughput/1"
@@ -106,6 +107,7 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
         ema_state.update(engine.module)
         return out
 
+    load_before = _loadavg()
     bar = _bar(warmup + steps, progress and env.rank == 0, f"{cfg.name} {micro}/step")
     losses = []
     for _ in range(warmup):
@@ -128,6 +130,7 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
         losses.append(out["loss"])
         bar.update(1)
     bar.close()
+    load_after = _loadavg()
     if device.type == "cuda":
         mem = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
                "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "before_timed_bytes": mem_before,
@@ -179,11 +182,20 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
             "latent_hw": [C.latent_size(cfg)] * 2, "text_tokens": cfg.model.max_text_tokens
             if cfg.model.condition == "text" else 0,
             "data": "synthetic (random tensors of the loader's shapes; data loading excluded)",
+            "cpu_threads": torch.get_num_threads(), "load_average_before_after": [load_before, load_after],
             "rule": RULE.format(warmup=warmup, steps=steps),
         },
         "flops_per_image": f.as_dict(),
         "results": results,
     }
+
+
+def _loadavg():
+    """1-minute load average of the host (other processes compete for a shared CPU; recorded with every run)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _bar(total: int, enabled: bool, desc: str):
@@ -203,6 +215,12 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def _rate(tflops: float | None) -> str:
+    if tflops is None:
+        return "—"
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.3g} GFLOP/s"
 
 
 def render_markdown(rec: dict, notes: list[str] = ()) -> str:
@@ -236,15 +254,17 @@ def render_markdown(rec: dict, notes: list[str] = ()) -> str:
         f"{'grad checkpointing' if m['grad_checkpointing'] else 'none'} |",
         f"| step time (median, min-max) | {st['median']:.3f} s ({st['min']:.3f}-{st['max']:.3f}) |",
         f"| **images/s per device** | **{r['images_per_s_per_device']:.2f}** |",
-        f"| model FLOPs per image (train / with recompute) | {rec['flops_per_image']['train'] / 1e9:,.1f} / "
-        f"{rec['flops_per_image']['train_recompute'] / 1e9:,.1f} GFLOP |",
-        f"| achieved TFLOP/s (model / hardware) | {r['model_tflops_per_s']:.2f} / {r['hardware_tflops_per_s']:.2f} |",
+        f"| model FLOPs per image (train / with recompute) | {format_flops(rec['flops_per_image']['train'])} / "
+        f"{format_flops(rec['flops_per_image']['train_recompute'])} |",
+        f"| achieved FLOP/s (model / hardware) | {_rate(r['model_tflops_per_s'])} / {_rate(r['hardware_tflops_per_s'])} |",
         f"| **MFU** (vs {('%g TFLOP/s peak' % hw['peak_tflops']) if hw.get('peak_tflops') else 'no vendor peak'}) "
         f"| **{pct(r['mfu'])}** (HFU {pct(r['hfu'])}) |",
         f"| measured matmul rate / MFU vs it | "
-        + (f"{r['matmul_tflops_measured']:.2f} TFLOP/s / {pct(r['mfu_vs_measured_matmul'])}"
+        + (f"{_rate(r['matmul_tflops_measured'])} / {pct(r['mfu_vs_measured_matmul'])}"
            if r.get("matmul_tflops_measured") else "—") + " |",
         f"| peak memory | {gib(peak_mem)} ({'allocated; reserved ' + gib(mem['peak_reserved_bytes']) if 'peak_reserved_bytes' in mem else 'process peak RSS'}) |",
+        f"| host load average (1 min) before / after, torch threads | {m['load_average_before_after'][0]} / "
+        f"{m['load_average_before_after'][1]}, {m['cpu_threads']} |",
         f"| loss first / last (finite) | {r['loss']['first']:.4f} / {r['loss']['last']:.4f} ({r['loss']['finite']}) |",
         "",
         "## Measurement rule",
