@@ -303,15 +303,105 @@ def init_distributed(env: DistEnv, timeout_s: float = 600, device: Optional[str]
         dev = torch.device("cuda", env.local_rank)
     else:
         dev = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups created later without a timeout -- DeepSpeed's clone of the world group, in which ZeRO reduces the
+    # gradients (deepspeed/utils/groups.py _clone_world_group: new_group(ranks)) -- get torch's module default
+    # (30 min for gloo, 10 min for NCCL), not the one given to init_process_group: a hung rank then stalled the job
+    # for 30 min whatever the recipe said. Make the recipe's timeout that default, before any group exists.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
     if not tdist.is_initialized():
         tdist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
     return dev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A rank that died or hangs: say which one
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_collective_error(e: BaseException) -> bool:
+    """Whether an exception is a failed collective (a peer died, hung past the timeout, or the network broke)
+    rather than a bug. torch raises DistError subclasses for some and plain RuntimeErrors from gloo for others
+    ("Connection reset by peer", "Timed out waiting 20000ms for recv operation to complete")."""
+    import torch.distributed as tdist
+
+    if isinstance(e, getattr(tdist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo/", "NCCL", "Connection reset", "Connection closed", "Connection refused", "Broken pipe",
+        "Timed out waiting", "timed out", "ProcessGroup"))
+
+
+def process_state(pid: int) -> str:
+    """'gone', 'stopped' or 'running' for a process of THIS host, from /proc/<pid>/stat. A SIGKILLed worker stays a
+    zombie until its launcher reaps it: that counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+    return {"Z": "gone", "X": "gone", "x": "gone", "T": "stopped", "t": "stopped"}.get(state, "running")
+
+
+def peer_table() -> list[tuple[str, int]]:
+    """(hostname, pid) of every rank, in rank order; a collective, called once at start so that a survivor can later
+    tell which peer is gone without talking to it."""
+    import torch.distributed as tdist
+
+    me = (socket.gethostname(), os.getpid())
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return [me]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, me)
+    return out
+
+
+def describe_peers(peers: list[tuple[str, int]], rank: int) -> tuple[list[int], str]:
+    """(ranks seen lost, a sentence about them) after a failed collective. Peers on this host are checked through
+    /proc; peers on other hosts cannot be, so the sentence points to the launcher's log for them."""
+    host = socket.gethostname()
+    lost, parts, remote = [], [], []
+    for r, (h, pid) in enumerate(peers):
+        if r == rank:
+            continue
+        if h != host:
+            remote.append(r)
+            continue
+        state = process_state(pid)
+        if state == "gone":
+            lost.append(r)
+            parts.append(f"rank {r} (pid {pid}) has exited")
+        elif state == "stopped":
+            lost.append(r)
+            parts.append(f"rank {r} (pid {pid}) is stopped and does not answer")
+    if remote:
+        parts.append(f"rank(s) {_ranges(remote)} run on other hosts (see the launcher's log for which one failed)")
+    if not parts:
+        parts.append("every other rank on this host is still running (one of them may hang)")
+    return lost, "; ".join(parts)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
 
 
 def barrier() -> None:
