@@ -105,11 +105,18 @@ def atomic_write_text(path: str, text: str) -> None:
     """temp file + fsync + rename + fsync(dir): readers see the old or the new content, never a mix."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # e.g. ENOSPC: no half-written temp file stays behind
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     _fsync_dir(d)
 
 
@@ -204,6 +211,35 @@ def _rank() -> int:
     return tdist.get_rank() if tdist.is_initialized() else 0
 
 
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, name))
+            except OSError:
+                pass
+    return total
+
+
+def _space_note(root: str) -> str:
+    """Free space beside a failed save, against the size of the latest complete checkpoint. A full disk does not
+    always say so: torch.save reports it as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    note = f"; {free / 2**20:.1f} MiB free on the filesystem of {root}"
+    try:
+        latest = read_latest(root)
+    except CheckpointError:
+        latest = None
+    need = _dir_bytes(os.path.join(root, latest)) if latest else 0
+    if need and free < need:
+        note += f", a checkpoint needs about {need / 2**20:.1f} MiB: no space left"
+    return note
+
+
 def save(engine, run_dir: str, step: int, client_state: dict, keep_last: int, meta: dict) -> str:
     """All ranks. Writes RUN_DIR/checkpoints/step_N and makes it `latest` once complete; keeps the last K.
     Returns the tag directory. Raises CheckpointError (on every rank) if any rank failed to write."""
@@ -222,8 +258,13 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep_last: int, me
     error = None
     try:
         zero.save(engine, root, tag, client_state)
-    except OSError as e:  # e.g. ENOSPC: this rank failed inside DeepSpeed's save
-        error = f"rank {rank}: {type(e).__name__}: {e}"
+    except Exception as e:  # e.g. ENOSPC (OSError, or RuntimeError from torch.save): this rank failed to write
+        from pixart_ds.train.dist import is_collective_error
+
+        if is_collective_error(e):  # a lost peer, not a write failure: the trainer reports it
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        error = f"rank {rank}: {type(e).__name__}: {first}{_space_note(root)}"
         # The other ranks wait in the barrier DeepSpeed's save ends with; meet them there, then agree below.
         _barrier()
     if error is None:
@@ -237,17 +278,29 @@ def save(engine, run_dir: str, step: int, client_state: dict, keep_last: int, me
     if not errors and os.environ.get(KILL_IN_SAVE_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)  # test hook: every rank dies with all files written, before `latest`
     if errors:
-        prev = read_latest(root) if rank == 0 else None
+        prev = read_latest(root)  # every rank: the first rank to exit may take the launcher down with the others
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         raise CheckpointError(f"checkpoint {tag_dir} failed ({'; '.join(errors)}); the previous checkpoint "
                               f"{'(' + prev + ') ' if prev else ''}is intact")
+    error = None
     if rank == 0:
-        atomic_write_text(os.path.join(tag_dir, META), json.dumps({**meta, "tag": tag, "time": time.time()},
-                                                                  indent=1))
-        atomic_write_text(os.path.join(root, LATEST), tag)
-        prune(root, keep_last)
-    _barrier()
+        try:
+            atomic_write_text(os.path.join(tag_dir, META), json.dumps({**meta, "tag": tag, "time": time.time()},
+                                                                      indent=1))
+            atomic_write_text(os.path.join(root, LATEST), tag)
+        except OSError as e:  # the marker or `latest` could not be written (e.g. ENOSPC): `latest` is unchanged
+            error = f"rank 0: {type(e).__name__}: {e}{_space_note(root)}"
+            prev = read_latest(root)
+            if prev != tag:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+        else:
+            prune(root, keep_last)
+    errors = [e for e in gather_objects(error) if e]  # also the barrier: nobody returns before `latest` is final
+    if errors:
+        prev = read_latest(root)
+        raise CheckpointError(f"checkpoint {tag_dir} failed ({errors[0]}); the previous checkpoint "
+                              f"{'(' + prev + ') ' if prev else ''}is intact")
     return tag_dir
 
 
