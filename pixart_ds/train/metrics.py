@@ -5,11 +5,14 @@ One JSON object per line. Step records (every `log.every_steps` steps, and every
     {"step": 120, "loss": ..., "mse": ..., "vb": ..., "grad_norm": ..., "lr": ..., "loss_avg": ...,
      "images_seen": ..., "images_per_s_per_gpu": ..., "mfu": ... (GPU with a known peak only),
      "peak_mem_gib": ..., "skipped": 0.0, "skipped_total": 0, "time": unix seconds,
+     "data_skipped": corrupt samples replaced in this step's global batch (data.on_corrupt=skip; every step that
+     has one is recorded), "data_skipped_total": ... since the run began,
      "sample_idx": [...] (only with log.sample_ids)}
 
 loss/mse/vb/grad_norm/lr are those of the step itself (global-batch means); loss_avg averages the steps since the
 previous record; images/s per GPU counts only time spent in data loading + train_step (not checkpoints or
-sample grids). Event records carry "event": "start" | "resume" | "checkpoint" | "sample" | "stop" | "nonfinite".
+sample grids). Event records carry "event": "start" | "resume" | "checkpoint" | "sample" | "stop" | "nonfinite" |
+"corrupt_data" | "rank_lost".
 A resumed run appends: a step may appear twice (before the kill and after the resume); readers keep the last.
 
 MFU = model FLOPs per image (pixart_ds.bench.flops, if present) x images/s per GPU / the GPU's peak (bench.hardware).
@@ -74,6 +77,7 @@ class Metrics:
         self.every = max(1, int(cfg.log.every_steps))
         self.images_seen = int(images_seen)
         self.skipped_total = 0
+        self.data_skipped_total = 0  # corrupt samples replaced (data.on_corrupt=skip), all ranks
         self._interval_loss: list[float] = []
         self._interval_images = 0.0
         self._interval_seconds = 0.0
@@ -143,6 +147,8 @@ class Metrics:
         """Record one optimizer step (`out` from train_step; `seconds` of data loading + compute)."""
         self.images_seen += int(out["images"])
         self.skipped_total += int(out["skipped"])
+        data_skipped = int(out.get("data_skipped", 0))
+        self.data_skipped_total += data_skipped
         if not self.enabled:
             return
         self._interval_loss.append(out["loss"])
@@ -150,14 +156,16 @@ class Metrics:
         self._interval_seconds += seconds
         if self._bar is not None:
             self._bar.update(1)
-        if step % self.every and not out["skipped"] and sample_idx is None and step != self.cfg.train.total_steps:
+        if step % self.every and not out["skipped"] and not data_skipped and sample_idx is None and \
+                step != self.cfg.train.total_steps:
             return
         ips = self._interval_images / max(self._interval_seconds, 1e-9) / self.world_size
         rec = {"step": step, "loss": out["loss"], "mse": out["mse"], "vb": out["vb"], "grad_norm": out["grad_norm"],
                "lr": out["lr"], "loss_avg": sum(self._interval_loss) / len(self._interval_loss),
                "images_seen": self.images_seen, "images_per_s_per_gpu": ips,
                "peak_mem_gib": peak_memory_gib(self.device), "skipped": out["skipped"],
-               "skipped_total": self.skipped_total, "time": time.time()}
+               "skipped_total": self.skipped_total, "data_skipped": data_skipped,
+               "data_skipped_total": self.data_skipped_total, "time": time.time()}
         if "loss_scale" in out:
             rec["loss_scale"] = out["loss_scale"]
         if self.flops_per_image and self.peak_flops:
@@ -168,7 +176,7 @@ class Metrics:
         self.last = rec
         if self._tb is not None:
             for k in ("loss", "mse", "vb", "grad_norm", "lr", "loss_avg", "images_per_s_per_gpu", "peak_mem_gib",
-                      "skipped_total", "mfu", "loss_scale"):
+                      "skipped_total", "data_skipped_total", "mfu", "loss_scale"):
                 if k in rec and isinstance(rec[k], (int, float)) and math.isfinite(rec[k]):
                     self._tb.add_scalar(f"train/{k}", rec[k], step)
         if self._wandb is not None:

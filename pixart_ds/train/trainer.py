@@ -12,7 +12,10 @@ write a checkpoint together and exit with REQUEUE_EXIT_CODE, which the Slurm lau
 
 Exit codes: 0 done; REQUEUE_EXIT_CODE (75, EX_TEMPFAIL) stopped early with a checkpoint, resume with the same
 command; NONFINITE_EXIT_CODE (3) stopped after train.max_nonfinite_steps consecutive non-finite steps (no new
-checkpoint: the latest one predates the first bad step); 2 bad input (one-line error from the CLI).
+checkpoint: the latest one predates the first bad step); LOST_RANK_EXIT_CODE (4) a collective failed because another
+rank died or hung past train.collective_timeout_s (the message names it; resume with the same command); 2 bad input
+(one-line error from the CLI), including corrupt data met with data.on_corrupt=stop (every rank stops at the same
+step boundary; the message names the shard file).
 """
 from __future__ import annotations
 
@@ -28,12 +31,15 @@ import torch.distributed as tdist
 
 from pixart_ds import config as C
 from pixart_ds.train import checkpoint as ckpt
-from pixart_ds.train.dist import DistEnv, destroy, dist_env, export_env, init_distributed
+from pixart_ds.train.dist import (DistEnv, describe_peers, destroy, dist_env, export_env, init_distributed,
+                                   is_collective_error, peer_table)
 from pixart_ds.train.ema import EMA
 from pixart_ds.train.metrics import Metrics
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" -- stopped by signal or time limit after a checkpoint
 NONFINITE_EXIT_CODE = 3
+LOST_RANK_EXIT_CODE = 4
+DATA_ERROR_EXIT_CODE = 2  # corrupt data with data.on_corrupt=stop: bad input, like the CLI's one-line errors
 
 # Test hook (exact-resume and reliability tests): every rank SIGKILLs itself right after this (1-based) step,
 # before its checkpoint, as a node failure or `scancel -s KILL` would.
@@ -114,6 +120,27 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _agree_on_data(mbs: list, error: Optional[str], device: torch.device) -> tuple[int, list[str]]:
+    """(corrupt samples replaced in this global batch (data.on_corrupt=skip), every rank's data error). One small
+    all_reduce per step, before train_step: a rank that met data it must not train on (data.on_corrupt=stop) would
+    otherwise leave the others waiting in the gradient reduction until the collective timeout."""
+    skipped = sum(int(mb["skipped"].sum()) for mb in mbs if "skipped" in mb)
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return skipped, [error] if error else []
+    t = torch.tensor([skipped, 1 if error else 0], dtype=torch.int64, device=device)
+    tdist.all_reduce(t)
+    if int(t[1]) == 0:
+        return int(t[0]), []
+    return int(t[0]), [e for e in ckpt.gather_objects(error) if e]
+
+
+def _latest(run_dir: str) -> str:
+    try:
+        return ckpt.read_latest(ckpt.ckpt_root(run_dir)) or "none"
+    except ckpt.CheckpointError as e:
+        return f"unreadable ({e})"
 
 
 def _gather_ids(ids: torch.Tensor, device: torch.device) -> list[int]:
@@ -201,13 +228,22 @@ def fit(cfg: C.Config, allow_config_change: bool = False) -> int:
     export_env(env)
     check_inputs(cfg)  # before any collective: every rank fails alike on bad input
     device = init_distributed(env, timeout_s=cfg.train.collective_timeout_s)
+    rc = None
     try:
-        return _fit(cfg, env, device, allow_config_change)
+        rc = _fit(cfg, env, device, allow_config_change)
+        return rc
     finally:
+        if rc == LOST_RANK_EXIT_CODE:
+            # The process group is broken: tearing it down can block on the lost peer or abort in gloo's destructors
+            # ("terminate called without an active exception"). The message is out; leave with our exit code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
         destroy()
 
 
 def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change: bool) -> int:
+    from pixart_ds.data.dataset import CorruptSampleError
     from pixart_ds.data.loader import build_loader
     from pixart_ds.diffusion.schedule import Schedule
     from pixart_ds.model.pixart import build_model
@@ -248,12 +284,13 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     engine = zero.initialize(model, cfg, env.world_size, load_universal=bool(plan and plan.universal))
     schedule = Schedule.from_config(cfg.diffusion)
     gen = _noise_generator(cfg, env.rank, device)
-    step, images_seen, skipped_total = 0, 0, 0
+    step, images_seen, skipped_total, data_skipped_total = 0, 0, 0, 0
 
     if plan is not None:
         client = zero.load(engine, plan.root, plan.tag)
         prog = client["progress"]
         step, images_seen, skipped_total = int(prog["step"]), int(prog["images_seen"]), int(prog["skipped_total"])
+        data_skipped_total = int(prog.get("data_skipped_total", 0))
         if is_main:
             ema.load_checkpoint_state(engine.module, client["ema"])
         loader.load_state_dict(client["loader"])
@@ -269,6 +306,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
 
     metrics = Metrics(cfg, run_dir, env.rank, env.world_size, device, start_step=step, images_seen=images_seen)
     metrics.skipped_total = skipped_total
+    metrics.data_skipped_total = data_skipped_total
     if plan is not None:
         metrics.event("resume", step, checkpoint=os.path.join(plan.root, plan.source_tag),
                       saved_world_size=plan.meta["world_size"], world_size=env.world_size,
@@ -280,7 +318,8 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     def save_checkpoint(at_step: int) -> str:
         client = {
             "version": ckpt.CLIENT_VERSION,
-            "progress": {"step": at_step, "images_seen": metrics.images_seen, "skipped_total": metrics.skipped_total},
+            "progress": {"step": at_step, "images_seen": metrics.images_seen, "skipped_total": metrics.skipped_total,
+                         "data_skipped_total": metrics.data_skipped_total},
             "ema": ema.checkpoint_state() if is_main else None,
             "loader": loader.state_dict(),
             "rng": ckpt.gather_objects(ckpt.rng_state(gen)),
@@ -299,6 +338,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     sampler = _Sampler(cfg, device) if (is_main and cfg.log.sample_every_steps > 0) else None
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     batches = _Batches(loader)
+    peers = peer_table()  # (host, pid) per rank: after a failed collective, say which peer is gone
     nonfinite_run, first_bad, due = 0, None, False
     last_saved = step if plan is not None else -1
     rc, error_msg = 0, None
@@ -306,8 +346,20 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
         while step < cfg.train.total_steps:
             # ---- one optimizer step ----
             t0 = time.perf_counter()
-            mbs = [batches.next() for _ in range(accum)]
+            mbs, data_error = [], None
+            try:
+                mbs = [batches.next() for _ in range(accum)]
+            except CorruptSampleError as e:
+                data_error = f"rank {env.rank}: {e}"
+            data_skipped, data_errors = _agree_on_data(mbs, data_error, device)
+            if data_errors:
+                msg = (f"stopped before step {step + 1}: {'; '.join(data_errors)}; latest checkpoint: "
+                       f"{_latest(run_dir)}")
+                metrics.event("corrupt_data", step, message=msg)
+                error_msg, rc = msg, DATA_ERROR_EXIT_CODE
+                break
             out = train_step(engine, mbs, schedule, cfg, gen)
+            out["data_skipped"] = float(data_skipped)
             step += 1
             if not out["skipped"]:
                 ema.update(engine.module)
@@ -364,6 +416,18 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
             save_checkpoint(step)
         if rc == 0:
             metrics.event("done", step, seconds=round(time.time() - t_start, 1), images_seen=metrics.images_seen)
+    except Exception as e:
+        lost, who = describe_peers(peers, env.rank) if env.world_size > 1 else ([], "")
+        if env.world_size == 1 or not (lost or is_collective_error(e)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        msg = (f"rank {env.rank} lost contact with the other ranks after step {step} ({type(e).__name__}: {first}): "
+               f"{who}; train.collective_timeout_s={cfg.train.collective_timeout_s}; latest checkpoint: "
+               f"{_latest(run_dir)}; run the same command to resume from it")
+        # Now, not after the loop: the launcher's SIGTERM may follow shortly (its handler is restored below).
+        print(f"pixart-ds train: error: {msg}", file=sys.stderr, flush=True)
+        metrics.event("rank_lost", step, message=msg, lost_ranks=lost)
+        rc = LOST_RANK_EXIT_CODE
     finally:
         stop.restore()
         metrics.close()
