@@ -288,6 +288,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
 
     if plan is not None:
         client = zero.load(engine, plan.root, plan.tag)
+        zero.apply_recipe_optimizer(engine, cfg)  # an edited recipe (--allow-config-change) takes effect
         prog = client["progress"]
         step, images_seen, skipped_total = int(prog["step"]), int(prog["images_seen"]), int(prog["skipped_total"])
         data_skipped_total = int(prog.get("data_skipped_total", 0))

@@ -183,6 +183,29 @@ def load(engine, ckpt_root: str, tag: str, load_optimizer: bool = True) -> dict:
     return client[CLIENT_KEY]
 
 
+def apply_recipe_optimizer(engine, cfg: C.Config) -> None:
+    """After `load`: make the recipe's lr, betas, eps and weight decay current again.
+
+    DeepSpeed restores the optimizer's param_groups and the lr scheduler's base_lrs from the checkpoint, so a recipe
+    edited between save and resume (--allow-config-change, e.g. a lower lr after non-finite steps) kept the old
+    values without a word. With an unchanged recipe every value is recomputed exactly as LambdaLR computes it
+    (base lr x warm-up factor at the saved step), so an exact resume stays exact."""
+    t = cfg.train
+    groups = engine.optimizer.param_groups
+    for g in groups:
+        g["betas"] = tuple(t.adam_betas)
+        g["eps"] = t.adam_eps
+        if g.get("name") == "decay":  # param_groups(): the no_decay group keeps 0
+            g["weight_decay"] = t.weight_decay
+    sched = engine.lr_scheduler
+    if sched is not None and hasattr(sched, "lr_lambdas"):
+        lr = C.effective_lr(cfg)
+        sched.base_lrs = [lr for _ in groups]
+        for g, factor in zip(groups, sched.lr_lambdas):
+            g["lr"] = lr * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
+
+
 def saved_world_size(tag_dir: str) -> int:
     """Data-parallel size that wrote a ZeRO checkpoint (one optimizer partition file per rank)."""
     n = len([f for f in os.listdir(tag_dir) if f.endswith("_optim_states.pt") and "zero_pp_rank_" in f])
