@@ -434,13 +434,20 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
         metrics.close()
     # after the progress bar is closed, so these lines start on a line of their own
     if is_main and error_msg:
-        print(f"pixart-ds train: error: {error_msg}", file=sys.stderr)
+        print(f"pixart-ds train: error: {error_msg}", file=sys.stderr, flush=True)
     if is_main and rc == 0:
         print(f"pixart-ds train: done at step {step}; checkpoints in {ckpt.ckpt_root(run_dir)}; "
-              f"metrics in {os.path.join(run_dir, 'metrics.jsonl')}")
+              f"metrics in {os.path.join(run_dir, 'metrics.jsonl')}", flush=True)
     elif is_main and rc == REQUEUE_EXIT_CODE:
         print(f"pixart-ds train: stopped at step {step} with a checkpoint; run the same command to resume "
-              f"(exit code {REQUEUE_EXIT_CODE})", file=sys.stderr)
+              f"(exit code {REQUEUE_EXIT_CODE})", file=sys.stderr, flush=True)
+    if env.world_size > 1 and rc != LOST_RANK_EXIT_CODE:
+        # Nobody leaves before rank 0 has printed: torchrun tears the other ranks down as soon as one exits non-zero,
+        # which could kill rank 0 before its one-line error.
+        try:
+            tdist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: its exit is what the launcher reports
+            pass
     return rc
 
 
