@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # on a machine WITH PyPI access: the Python packages the GPU image
 #                                                 # lacks (deepspeed, diffusers, pydantic, hjson, ...) -> .whl/
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine (no network needed if .whl/ came along)
+#   OUT=/tmp/x bash benchmarks/gpu_check.sh --dry-run   # anywhere: the parts only echo (tests this script)
 #
 # Every result is written to benchmarks/results/ and, when $OUT is set, packed under $OUT/benchmarks/results/
 # (a tarball of all new result files + the log + the summary, because only a few files come back from $OUT).
@@ -36,10 +37,14 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   exit 0
 fi
 
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1  # exercise this script's own logic without a GPU: every part only echoes
+
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 DEADLINE=$((START + BUDGET))
 RES="$REPO/benchmarks/results"
+[ "$DRY" -eq 1 ] && RES=$(mktemp -d)  # a dry run leaves the repository's results alone
 mkdir -p "$RES"
 if [ -n "${OUT:-}" ]; then
   OUTRES="$OUT/benchmarks/results"
@@ -92,10 +97,10 @@ log "repo $REPO, results -> $RES and $OUTRES, budget ${BUDGET}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -5
 if ls "$WHL"/*.whl >/dev/null 2>&1; then
   # Carried wheels (see --fetch-wheels); --no-deps: the image's own torch/numpy stay.
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pixart_site \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pixart_site \
     "$WHL"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pixart_site" || log "wheel install failed"
 fi
-$PY - <<'EOF'
+python3 - <<'EOF'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
@@ -106,8 +111,12 @@ for m in ("deepspeed", "diffusers", "flash_attn", "streaming", "transformers", "
     except Exception as e:  # report and go on: the parts that need it will fail on their own
         print(f"  {m} MISSING ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 EOF
-$PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { log "no CUDA device: stop"; return 1; }
-SLUG=$($PY -c "from pixart_ds.bench.hardware import device_record; print(device_record()['slug'])" 2>/dev/null || echo gpu)
+if [ "$DRY" -eq 1 ]; then
+  PY="echo [dry-run] python3"
+else
+  $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { log "no CUDA device: stop"; return 1; }
+fi
+SLUG=$(python3 -c "from pixart_ds.bench.hardware import device_record; print(device_record()['slug'])" 2>/dev/null || echo gpu)
 log "hardware slug: $SLUG"
 
 # 1. GPU tests (modules whose imports are missing on this image are reported, not fatal).
@@ -115,7 +124,7 @@ part "pytest -m gpu" 75 $PY -m pytest -q -m gpu -p no:cacheprovider --continue-o
 
 # 2. Throughput of every stage at the recipe's model, resolution and per-GPU batch (one process each).
 for r in stage2_sam256 stage1_imagenet256 stage3_hq256 stage3_hq512 stage3_hq1024; do
-  part "throughput $r" 70 $PY benchmarks/throughput.py "recipes/$r.yaml" --warmup 2 --steps 5 --no-progress
+  part "throughput $r" 75 $PY benchmarks/throughput.py "recipes/$r.yaml" --warmup 3 --steps 8 --no-progress
 done
 part "gpu_days" 30 $PY benchmarks/gpu_days.py --hardware "$SLUG"
 
@@ -130,11 +139,11 @@ else
 fi
 
 # 5. adaLN ablation: parameters, memory and throughput of both variants at the same batch (no training here).
-part "ablation_adaln (params/memory/throughput)" 100 $PY benchmarks/ablation_adaln.py --skip-training
+part "ablation_adaln (params/memory/throughput)" 130 $PY benchmarks/ablation_adaln.py --skip-training
 
 # 6. The MFU goal without recomputation: stage 2 at a batch that fits without grad checkpointing.
 part "throughput stage2 no-recompute" 60 $PY benchmarks/throughput.py recipes/stage2_sam256.yaml \
-  --set model.grad_checkpointing=false --set train.micro_batch_size=64 --tag nockpt-b64 --warmup 2 --steps 5 --no-progress
+  --set model.grad_checkpointing=false --set train.micro_batch_size=64 --tag nockpt-b64 --warmup 3 --steps 8 --no-progress
 part "gpu_days (final)" 30 $PY benchmarks/gpu_days.py --hardware "$SLUG"
 
 # ---------------------------------------------------------------------------------------------------------------

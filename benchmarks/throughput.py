@@ -82,8 +82,8 @@ def run_one(a, recipe: str) -> int:
     report.write_outputs(outs, base, render_markdown(rec, notes), rec)
     r = rec["results"]
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    print(f"{name} on {rec['hardware']['name']}: {r['images_per_s_per_device']:.2f} images/s/device, "
-          f"{r['model_tflops_per_s']:.2f} model TFLOP/s, MFU {mfu}; "
+    print(f"{name} on {rec['hardware']['name']}: {r['images_per_s_per_device']:.3g} images/s/device, "
+          f"{r['model_tflops_per_s']:.3g} model TFLOP/s, MFU {mfu}; "
           f"-> {os.path.join(outs[0], base + '.md')}", flush=True)
     return 0
 

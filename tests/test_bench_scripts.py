@@ -141,3 +141,22 @@ def test_ablation_training(tmp_path):
         r.pop("run_dir"), r.pop("name")
     assert rb == rs
     assert "## 3. Short training" in md and "alignment, held-out prompts" in md
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh's own logic (parts, time limits, status, summary, packing under $OUT) without a GPU:
+    with --dry-run every part only echoes its command."""
+    before = set(os.listdir(os.path.join(REPO, "benchmarks", "results")))
+    p = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--dry-run"], capture_output=True,
+                       text=True, timeout=600, cwd=REPO, env=dict(os.environ, OUT=str(tmp_path)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = tmp_path / "benchmarks" / "results"
+    names = sorted(os.listdir(res))
+    assert "gpu_check.log" in names and any(n.startswith("gpu_results_") and n.endswith(".tar.gz") for n in names)
+    summary = open(res / next(n for n in names if n.startswith("gpu_check_") and n.endswith(".md"))).read()
+    for part in ("pytest -m gpu: ok", "throughput stage1_imagenet256: ok", "throughput stage3_hq1024: ok",
+                 "vs_reference: ok", "ablation_adaln (params/memory/throughput): ok", "gpu_days (final): ok"):
+        assert part in summary, part
+    log = open(res / "gpu_check.log").read()
+    assert "benchmarks/throughput.py recipes/stage3_hq512.yaml" in log and "done: all parts passed" in log
+    assert set(os.listdir(os.path.join(REPO, "benchmarks", "results"))) == before  # a dry run writes nothing there
