@@ -204,7 +204,6 @@ def load_llava(path: str, device, dtype):
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.requires_grad_(False).eval().to(device)
-    torch.set_grad_enabled(False)
     return processor, model
 
 
@@ -218,13 +217,16 @@ def prompt_text(processor, prompt: str) -> str:
 
 def generate_captions(processor, model, images, text: str, max_new_tokens: int) -> list[str]:
     """Greedy captions for a batch of PIL images (deterministic: no sampling, one beam)."""
+    import torch
+
     inputs = processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
     inputs.pop("token_type_ids", None)  # generic fast tokenizers return them; LLaVA's forward takes none
     inputs = inputs.to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)  # [B, 3, H, W]
     tok = processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+    with torch.inference_mode():  # local, never the process-wide grad mode: callers may train in this process
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
     new = out[:, inputs["input_ids"].shape[1]:]  # [B, <= max_new_tokens]: only the generated tokens
     return [c.strip() for c in processor.batch_decode(new, skip_special_tokens=True)]
 
