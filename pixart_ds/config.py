@@ -243,6 +243,12 @@ def _coerce(value: Any, tp, path: str, src: str):
     raise ConfigError(f"{src}: {path}: unsupported type {_type_name(tp)}")
 
 
+def _show(key) -> str:
+    """A key as it goes into a one-line message (a key with a newline or control characters is quoted)."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
+
+
 def _build(cls, data: dict, prefix: str, src: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -250,11 +256,11 @@ def _build(cls, data: dict, prefix: str, src: str):
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ConfigError(f"{src}: {prefix + '.' if prefix else ''}{key}: unknown key{hint}")
+            raise ConfigError(f"{src}: {prefix + '.' if prefix else ''}{_show(key)}: unknown key{hint}")
     data = dict(data)
     if cls is ModelConfig:
         name = data.get("preset", ModelConfig.preset)
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ConfigError(f"{src}: {prefix}.preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
         for k, v in PRESETS[name].items():
             data.setdefault(k, v)
@@ -295,7 +301,7 @@ def _set_dotted(data: dict, dotted: str, value, src: str):
             names = list(hints)
             near = difflib.get_close_matches(p, names, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ConfigError(f"{src}: {'.'.join(parts[: i + 1])}: unknown key{hint}")
+            raise ConfigError(f"{src}: {_show('.'.join(parts[: i + 1]))}: unknown key{hint}")
         cls = hints[p]
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"{src}: {'.'.join(parts[: i + 1])}: is not a section")
@@ -309,7 +315,7 @@ def _set_dotted(data: dict, dotted: str, value, src: str):
     if leaf not in names:
         near = difflib.get_close_matches(leaf, names, n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
-        raise ConfigError(f"{src}: {dotted}: unknown key{hint}")
+        raise ConfigError(f"{src}: {_show(dotted)}: unknown key{hint}")
     cur[leaf] = value
 
 
@@ -342,7 +348,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: the recipe must be a mapping at top level, got {type(data).__name__}")
     for key, value in parse_overrides(overrides):
-        _set_dotted(data, key, value, f"{src} (override {key})")
+        _set_dotted(data, key, value, f"{src} (override {_show(key)})")
     return from_dict(data, src)
 
 
@@ -434,6 +440,31 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     def err(key, msg):
         raise ConfigError(f"{source}: {key}: {msg}")
 
+    # Numbers the trainer hands to torch, DeepSpeed and Streaming fail here, naming the key, rather than minutes
+    # later inside those libraries (tests/reliability/test_recipe_fuzz.py). Positive sizes first: the checks below
+    # divide by some of them.
+    def leaves(v, key=""):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                yield from leaves(x, f"{key}.{k}" if key else k)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                yield from leaves(x, f"{key}[{i}]")
+        else:
+            yield key, v
+
+    for key, value in leaves(to_dict(cfg)):
+        if isinstance(value, float) and not math.isfinite(value):
+            err(key, f"must be a finite number, got {value}")
+    for key, value in (("model.hidden_size", m.hidden_size), ("model.num_heads", m.num_heads),
+                       ("model.patch_size", m.patch_size), ("model.in_channels", m.in_channels),
+                       ("model.caption_channels", m.caption_channels), ("model.max_text_tokens", m.max_text_tokens),
+                       ("model.num_classes", m.num_classes), ("diffusion.num_timesteps", cfg.diffusion.num_timesteps),
+                       ("data.num_canonical_nodes", d.num_canonical_nodes),
+                       ("data.shuffle_block_size", d.shuffle_block_size)):
+        if value is not None and value < 1:
+            err(key, f"must be >= 1, got {value}")
+
     if m.hidden_size % m.num_heads:
         err("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.multi_scale and m.hidden_size % 3:
@@ -480,3 +511,39 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         err("checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     if cfg.sample.steps < 1:
         err("sample.steps", f"must be >= 1, got {cfg.sample.steps}")
+    if m.mlp_ratio <= 0:
+        err("model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
+    if m.pe_interpolation is not None and m.pe_interpolation <= 0:
+        err("model.pe_interpolation", f"must be > 0 (or null), got {m.pe_interpolation}")
+    df = cfg.diffusion
+    if df.num_timesteps > 1_000_000:  # one float64 table entry per timestep, several tables
+        err("diffusion.num_timesteps", f"must be <= 1000000, got {df.num_timesteps}")
+    if not 0 < df.beta_start <= df.beta_end < 1:
+        err("diffusion.beta_start", f"need 0 < beta_start <= diffusion.beta_end < 1, got {df.beta_start} and "
+                                    f"{df.beta_end}")
+    if cfg.encoders.vae_scale <= 0:
+        err("encoders.vae_scale", f"must be > 0, got {cfg.encoders.vae_scale}")
+    if d.resolution < VAE_DOWNSAMPLE * m.patch_size:
+        err("data.resolution", f"must be >= 8 x patch size = {VAE_DOWNSAMPLE * m.patch_size}, got {d.resolution}")
+    if d.num_workers < 0:
+        err("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.predownload is not None and d.predownload < 0:
+        err("data.predownload", f"must be >= 0 (or null), got {d.predownload}")
+    if t.micro_batch_size > 2**20:
+        err("train.micro_batch_size", f"must be <= {2**20} images per device, got {t.micro_batch_size}")
+    for i, beta in enumerate(t.adam_betas):
+        if not 0.0 <= beta < 1.0:
+            err(f"train.adam_betas[{i}]", f"must be in [0, 1), got {beta}")
+    for key, value in (("train.adam_eps", t.adam_eps), ("train.weight_decay", t.weight_decay),
+                       ("train.grad_clip", t.grad_clip)):
+        if value < 0:
+            err(key, f"must be >= 0, got {value}")
+    if not 0 <= t.seed < 2**32:
+        err("train.seed", f"must be in [0, 2**32), got {t.seed}")
+    if not 0 <= t.init_reparam_t < df.num_timesteps:
+        err("train.init_reparam_t", f"must be in [0, diffusion.num_timesteps={df.num_timesteps}), got "
+                                    f"{t.init_reparam_t}")
+    if not 1 <= t.collective_timeout_s <= 10**8:
+        err("train.collective_timeout_s", f"must be in [1, 10**8] seconds, got {t.collective_timeout_s}")
+    if t.time_limit_s is not None and t.time_limit_s <= 0:
+        err("train.time_limit_s", f"must be > 0 seconds (or null), got {t.time_limit_s}")
