@@ -21,7 +21,7 @@ def _train(a):
 def _demo(a):
     from pixart_ds.train.demo import run_demo
 
-    return run_demo(out_dir=a.out, small=a.small, world_size=a.ranks)
+    return run_demo(out_dir=a.out, small=a.small, world_size=a.ranks, vae=a.vae)
 
 
 def _sample(a):
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--small", action="store_true", help="a reduced size for CI")
     s.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (CPU processes or GPUs)")
+    s.add_argument("--vae", default=None,
+                   help="an AutoencoderKL folder (default: the one fitted to the embedded dataset, shipped in "
+                        "pixart_ds/data/assets/synthetic_vae)")
     s.set_defaults(fn=_demo)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")

@@ -1,0 +1,114 @@
+"""`pixart-ds demo`: the recipes it runs, and the whole pipeline at the reduced --small size in a subprocess
+(embedded data -> features -> stage 1 on 2 ZeRO-2 ranks -> stage 2 re-parameterized from it -> judged samples)."""
+import json
+import os
+
+import pytest
+import yaml
+from PIL import Image
+
+from pixart_ds import config
+from pixart_ds.data import synthetic
+from pixart_ds.train import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_recipes_fit_the_demo():
+    s1, s2 = config.load(demo.STAGE1_RECIPE), config.load(demo.STAGE2_RECIPE)
+    assert (s1.model.condition, s1.model.adaln) == ("class", "block")
+    assert (s2.model.condition, s2.model.adaln) == ("text", "single")
+    assert s2.train.init_from == s1.run_dir
+    assert s1.model.num_classes == synthetic.NUM_CLASSES
+    # The re-parameterization keeps every size: the stages must agree on them.
+    for k in ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "in_channels", "pred_sigma"):
+        assert getattr(s1.model, k) == getattr(s2.model, k), k
+    assert s1.data.resolution == s2.data.resolution == 128 and config.latent_size(s2) == 16
+    assert s1.encoders.vae_scale == s2.encoders.vae_scale
+    assert s1.data.caption_dropout == s2.data.caption_dropout == 0.1
+
+
+def test_demo_recipes_match_the_fitted_vae():
+    """encoders.vae_scale is the shipped VAE's scaling_factor (1 / std of its posterior means, synthetic_vae.fit)."""
+    with open(os.path.join(demo.ASSET_VAE, "config.json")) as f:
+        vc = json.load(f)
+    for r in (demo.STAGE1_RECIPE, demo.STAGE2_RECIPE):
+        cfg = config.load(r)
+        assert cfg.encoders.vae_scale == pytest.approx(vc["scaling_factor"], rel=1e-6), r
+        assert cfg.model.in_channels == vc["latent_channels"]
+        assert os.path.abspath(os.path.join(REPO, cfg.encoders.vae)) == os.path.abspath(demo.ASSET_VAE)
+
+
+def test_demo_text_settings_fit_the_small_t5(tiny_t5_dir):
+    """Stage 2's text width is make_tiny_t5's, and every caption the demo trains or samples on fits its tokens."""
+    from pixart_ds.model.encoders import load_text_encoder
+
+    tok, te = load_text_encoder(tiny_t5_dir, dtype="fp32")
+    s2 = config.load(demo.STAGE2_RECIPE)
+    assert s2.model.caption_channels == te.config.d_model
+    caps = [synthetic.caption(synthetic.attributes(i, demo.DATA_SEED)) for i in range(demo.FULL["text_images"])]
+    caps += synthetic.held_out_prompts(demo.FULL["eval_prompts"], seed=demo.DATA_SEED)
+    assert max(len(tok(c)["input_ids"]) for c in caps) <= s2.model.max_text_tokens
+
+
+def test_demo_bad_input_is_one_line(run_cli, tmp_path):
+    p = run_cli("demo", "--out", tmp_path / "d", "--ranks", "0", timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == "pixart-ds demo: error: --ranks must be >= 1, got 0"
+    p = run_cli("demo", "--out", tmp_path / "d", "--vae", tmp_path / "nope", timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("pixart-ds demo: error: --vae ") and "nope" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "d" / "stage1")
+
+
+def test_demo_small_end_to_end(run_cli, tmp_path):
+    out = tmp_path / "demo"
+    p = run_cli("demo", "--small", "--out", out, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    with open(out / "demo_summary.json") as f:
+        s = json.load(f)
+    assert s["mode"] == "small" and s["world_size"] == 2
+
+    # Both stages trained to their last step and left a complete checkpoint, written by 2 ZeRO-2 ranks.
+    small = {k: dict(o.split("=", 1) for o in v) for k, v in demo.SMALL_OVERRIDES.items()}
+    for stage, condition, adaln in (("stage1", "class", "block"), ("stage2", "text", "single")):
+        rec = s[stage]
+        steps = int(small[stage]["train.total_steps"])
+        assert rec["steps"] == steps and rec["world_size"] == 2
+        assert rec["images_seen"] == steps * int(small[stage]["train.global_batch_size"])
+        ck = rec["checkpoint"]
+        assert os.path.basename(ck) == f"step_{steps:08d}" and os.path.isfile(os.path.join(ck, "pixart_ds.json"))
+        parts = sorted(f for f in os.listdir(ck) if f.endswith("_optim_states.pt"))
+        assert len(parts) == 2 and "zero_pp_rank_0_" in parts[0] and "zero_pp_rank_1_" in parts[1]
+        with open(out / stage / "config.yaml") as f:  # the resolved recipe, kept in the run directory
+            cfg = config.from_dict(yaml.safe_load(f))
+        assert (cfg.model.condition, cfg.model.adaln, cfg.train.zero_stage) == (condition, adaln, 2)
+        assert cfg.encoders.vae_scale == pytest.approx(s["vae"]["scaling_factor"])
+        assert rec["first_loss"] > 0 and rec["last_loss_avg"] > 0
+
+    # Stage 2 started from stage 1 through the DiT -> PixArt re-parameterization (the trainer's own record).
+    with open(out / "stage2" / "config.yaml") as f:
+        assert os.path.abspath(yaml.safe_load(f)["train"]["init_from"]) == str(out / "stage1")
+    with open(out / "stage2" / "metrics.jsonl") as f:
+        start = [json.loads(ln) for ln in f if '"event": "start"' in ln][0]
+    assert start["init"].startswith("re-parameterized from class-conditional") and "t=500" in start["init"]
+    assert s["stage2"]["init"] == start["init"]
+
+    # The judged sample grids and the alignment score: printed, recorded, a fraction of the judged images.
+    n = demo.SMALL["eval_prompts"]
+    for name in ("heldout", "indist"):
+        grid = Image.open(s["scores"][name]["grid"])
+        assert grid.size[0] > 128 * min(n, 8) and grid.size[1] >= 128
+    with open(out / "samples" / "alignment.json") as f:
+        detail = json.load(f)
+    held = detail["sets"]["heldout"]["images"]
+    assert [im["prompt"] for im in held] == synthetic.held_out_prompts(n, seed=demo.DATA_SEED)
+    assert all(tuple(synthetic.parse_prompt(im["prompt"])[k] for k in ("shape", "color", "background"))
+               in synthetic.HELD_OUT for im in held)
+    a = s["alignment"]
+    assert isinstance(a, float) and 0.0 <= a <= 1.0
+    assert a == pytest.approx(sum(im["ok"] for im in held) / n)
+    assert 0.0 <= s["alignment_in_distribution"] <= 1.0
+    assert f"alignment score (held-out prompts, shape + colour + background): {a:.3f}" in p.stdout
+    for phase in ("data", "encoders", "features", "stage1", "stage2", "sample"):
+        assert s["seconds"][phase] >= 0 and f"== {phase} done in" in p.stdout
