@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-training", action="store_true", help="parts 1 and 2 only")
     p.add_argument("--skip-throughput", action="store_true", help="parts 1 and 3 only")
+    p.add_argument("--throughput-from", default=None, metavar="DIR",
+                   help="reuse the <recipe>-throughput_*.json reports in DIR instead of measuring again")
     p.add_argument("--throughput-arg", action="append", default=[],
                    help="extra argument for benchmarks/throughput.py (repeatable), e.g. --throughput-arg=--steps=3")
     # Part 3: the training run. Model, optimizer and data sizes come from recipes/demo.yaml (the demo's stage 2,
@@ -426,7 +428,17 @@ def main(argv=None) -> int:
     hw = H.device_record()
     rec = {"schema": "pixart_ds.ablation_adaln/1", "timestamp": report.now().isoformat(), "hardware": hw,
            "versions": H.versions(), "args": vars(a), "params": params_part()}
-    if not a.skip_throughput:
+    if a.throughput_from:
+        rec["throughput"] = {}
+        for adaln, recipe in VARIANTS:
+            found = sorted(glob.glob(os.path.join(a.throughput_from, f"{recipe}-throughput_{hw['slug']}_*.json")))
+            if not found:
+                print(f"ablation: error: no {recipe}-throughput_{hw['slug']}_*.json in {a.throughput_from}",
+                      file=sys.stderr)
+                return 2
+            with open(found[-1]) as f:
+                rec["throughput"][adaln] = json.load(f)
+    elif not a.skip_throughput:
         rec["throughput"] = throughput_part(a, outs)
     if a.skip_training:
         rec["training_skipped"] = "Skipped (--skip-training)."

@@ -120,13 +120,14 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
     else:
         peak_rss_reset()
         mem_before = rss_bytes("VmRSS")
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
         H.synchronize(device)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = one_step()  # returns floats: the step's device work is complete when it returns
         H.synchronize(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         losses.append(out["loss"])
         bar.update(1)
     bar.close()
@@ -154,6 +155,9 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
     peak = hw.get("peak_tflops")
     results = {
         "step_time_s": _stats(times),
+        # CPU seconds the process used per step, summed over threads: on a shared CPU, other processes stretch the
+        # wall time but not this (on a GPU it is the host-side work only).
+        "process_cpu_s_per_step": _stats(cpu_times),
         "images_per_s_per_device": ips,
         "model_tflops_per_s": model_tflops,
         "hardware_tflops_per_s": hw_tflops,
@@ -238,6 +242,12 @@ def render_markdown(rec: dict, notes: list[str] = ()) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
+    cpu_row = []
+    if hw["type"] == "cpu" and r.get("process_cpu_s_per_step"):
+        c = r["process_cpu_s_per_step"]["median"]
+        cpu_row = [f"| process CPU time per step (all threads), median | {c:.3f} s (with {m['cpu_threads']} cores to "
+                   f"itself: {m['micro_batch_size'] * m['cpu_threads'] / c:.3g} images/s) |"]
+
     lines = [
         f"# Throughput: {rec.get('recipe_name') or rec['stage']} on {hw['name']}",
         "",
@@ -253,7 +263,7 @@ def render_markdown(rec: dict, notes: list[str] = ()) -> str:
         f"| precision / attention / recompute | {m['precision']} / {m['attention_backend']} / "
         f"{'grad checkpointing' if m['grad_checkpointing'] else 'none'} |",
         f"| step time (median, min-max) | {st['median']:.3f} s ({st['min']:.3f}-{st['max']:.3f}) |",
-        f"| **images/s per device** | **{r['images_per_s_per_device']:.2f}** |",
+        f"| **images/s per device** | **{r['images_per_s_per_device']:.3g}** |",
         f"| model FLOPs per image (train / with recompute) | {format_flops(rec['flops_per_image']['train'])} / "
         f"{format_flops(rec['flops_per_image']['train_recompute'])} |",
         f"| achieved FLOP/s (model / hardware) | {_rate(r['model_tflops_per_s'])} / {_rate(r['hardware_tflops_per_s'])} |",
@@ -263,6 +273,7 @@ def render_markdown(rec: dict, notes: list[str] = ()) -> str:
         + (f"{_rate(r['matmul_tflops_measured'])} / {pct(r['mfu_vs_measured_matmul'])}"
            if r.get("matmul_tflops_measured") else "—") + " |",
         f"| peak memory | {gib(peak_mem)} ({'allocated; reserved ' + gib(mem['peak_reserved_bytes']) if 'peak_reserved_bytes' in mem else 'process peak RSS'}) |",
+        *cpu_row,
         f"| host load average (1 min) before / after, torch threads | {m['load_average_before_after'][0]} / "
         f"{m['load_average_before_after'][1]}, {m['cpu_threads']} |",
         f"| loss first / last (finite) | {r['loss']['first']:.4f} / {r['loss']['last']:.4f} ({r['loss']['finite']}) |",
