@@ -122,6 +122,8 @@ class TrainConfig:
     init_reparam_t: int = 500  # DiT -> PixArt re-parameterization timestep (paper §2.3)
     resume: str = "auto"  # auto | none | a checkpoint path
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
+    # Seconds a collective, or the wait for the next batch, may block on another rank before this rank stops and
+    # names the lost rank (exit 4).
     collective_timeout_s: int = 600
     time_limit_s: Optional[float] = None  # stop (checkpoint + requeue exit code) after this much wall time
     torch_adam: bool = False  # DeepSpeed's torch AdamW instead of FusedAdam (no JIT compile; used on CPU)

@@ -13,9 +13,10 @@ write a checkpoint together and exit with REQUEUE_EXIT_CODE, which the Slurm lau
 Exit codes: 0 done; REQUEUE_EXIT_CODE (75, EX_TEMPFAIL) stopped early with a checkpoint, resume with the same
 command; NONFINITE_EXIT_CODE (3) stopped after train.max_nonfinite_steps consecutive non-finite steps (no new
 checkpoint: the latest one predates the first bad step); LOST_RANK_EXIT_CODE (4) a collective failed because another
-rank died or hung past train.collective_timeout_s (the message names it; resume with the same command); 2 bad input
-(one-line error from the CLI), including corrupt data met with data.on_corrupt=stop (every rank stops at the same
-step boundary; the message names the shard file).
+rank died or hung past train.collective_timeout_s, or the next batch did not come within that time (Streaming's
+epoch barrier waits for every rank of the node); the message names the lost rank; resume with the same command;
+2 bad input (one-line error from the CLI), including corrupt data met with data.on_corrupt=stop (every rank stops
+at the same step boundary; the message names the shard file).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -44,6 +46,9 @@ DATA_ERROR_EXIT_CODE = 2  # corrupt data with data.on_corrupt=stop: bad input, l
 # Test hook (exact-resume and reliability tests): every rank SIGKILLs itself right after this (1-based) step,
 # before its checkpoint, as a node failure or `scancel -s KILL` would.
 KILL_ENV = "PIXART_DS_TEST_KILL_AT_STEP"
+# Test hook (reliability tests): "N:R" -- rank R SIGSTOPs itself before fetching the data of step N, as a hung node
+# would between two steps (at an epoch boundary the other ranks then wait in Streaming's barrier, not in torch).
+STOP_ENV = "PIXART_DS_TEST_STOP_RANK_BEFORE_STEP"
 
 
 class _StopFlag:
@@ -134,6 +139,33 @@ def _agree_on_data(mbs: list, error: Optional[str], device: torch.device) -> tup
     if int(t[1]) == 0:
         return int(t[0]), []
     return int(t[0]), [e for e in ckpt.gather_objects(error) if e]
+
+
+class _FetchWatchdog:
+    """Bounds the one wait torch's collective timeout does not: the next batch. Streaming's shared-memory barrier at
+    the start of every epoch spins without a timeout until every rank of the node arrives, and a DataLoader worker on
+    a hung filesystem blocks the same way, so a hung peer would stall this rank forever. After
+    train.collective_timeout_s the watchdog says which peer is gone or stopped and ends the process."""
+
+    def __init__(self, timeout_s: float, describe):
+        self.timeout_s, self.describe = timeout_s, describe
+        self._timer: Optional[threading.Timer] = None
+
+    def __enter__(self):
+        self._timer = threading.Timer(self.timeout_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        return False
+
+    def _fire(self):
+        try:
+            print(f"pixart-ds train: error: {self.describe()}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(LOST_RANK_EXIT_CODE)
 
 
 def _latest(run_dir: str) -> str:
@@ -340,6 +372,15 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     batches = _Batches(loader)
     peers = peer_table()  # (host, pid) per rank: after a failed collective, say which peer is gone
+    stop_before = tuple(int(x) for x in os.environ.get(STOP_ENV, "").split(":") if x)  # test hook: (step, rank)
+
+    def stalled_fetch() -> str:
+        lost, who = describe_peers(peers, env.rank)
+        msg = (f"rank {env.rank} waited more than train.collective_timeout_s={cfg.train.collective_timeout_s} s for "
+               f"the data of step {step + 1}: {who}; latest checkpoint: {_latest(run_dir)}; run the same command to "
+               f"resume from it")
+        metrics.event("rank_lost", step, message=msg, lost_ranks=lost)
+        return msg
     nonfinite_run, first_bad, due = 0, None, False
     last_saved = step if plan is not None else -1
     rc, error_msg = 0, None
@@ -348,8 +389,11 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
             # ---- one optimizer step ----
             t0 = time.perf_counter()
             mbs, data_error = [], None
+            if stop_before == (step + 1, env.rank):
+                os.kill(os.getpid(), signal.SIGSTOP)
             try:
-                mbs = [batches.next() for _ in range(accum)]
+                with _FetchWatchdog(cfg.train.collective_timeout_s, stalled_fetch):
+                    mbs = [batches.next() for _ in range(accum)]
             except CorruptSampleError as e:
                 data_error = f"rank {env.rank}: {e}"
             data_skipped, data_errors = _agree_on_data(mbs, data_error, device)
