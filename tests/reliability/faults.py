@@ -43,12 +43,25 @@ def launch(args: list[str], env: dict | None = None, recipe: str = TINY_TEXT) ->
                             stderr=subprocess.PIPE, text=True, env=clean_env(env), cwd=REPO, start_new_session=True)
 
 
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's workers (torchrun starts each in a session of its own) and the launcher."""
+    for pid in worker_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    """Wait for the job; on timeout kill its whole session and fail (a hang is the bug these tests look for)."""
+    """Wait for the job; on timeout kill it and fail (a hang is the bug these tests look for)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         out, err = proc.communicate()
         raise AssertionError(f"the job did not end within {timeout:.0f} s\n--- stderr ---\n{err[-6000:]}") from None
     return proc.returncode, out, err
@@ -77,7 +90,7 @@ def wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, after_line: i
             raise AssertionError(f"the job ended (exit {proc.returncode}) before step {step}:\n"
                                  f"{proc.communicate()[1][-4000:]}")
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_job(proc)
     raise AssertionError(f"step {step} not reached within {timeout} s")
 
 

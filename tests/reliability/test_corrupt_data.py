@@ -102,4 +102,4 @@ def test_corrupt_shard_stops_naming_the_file_then_skip_counts(tmp_path, rel_shar
     SUMMARY["tests"]["corrupt_shard"] = {"shard": os.path.basename(bad_file), "first_met_at_step": met,
                                          "stop_exit_code": DATA_ERROR_EXIT_CODE, "resumed_from": 5,
                                          "skipped_and_counted": expected_total, "samples_lost": lost,
-                                         "duplicate_samples": dup}
+                                         "duplicate_samples": dup, "message": errs[0]}

@@ -14,7 +14,6 @@ import os
 import resource
 import subprocess
 
-import pytest
 
 from train_helpers import REPO, TINY_TEXT, clean_env, describe, read_metrics, run_train, train_cmd
 
@@ -93,4 +92,4 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, rel_shard
     count("steps_recomputed", steps_recomputed(run))
     SUMMARY["tests"]["disk_full"] = {"filesystem": "tmpfs 3 MiB" if tmpfs else "RLIMIT_FSIZE 256 KiB",
                                      "failed_save": "step_00000010", "resumed_from": 5, "samples_lost": lost,
-                                     "duplicate_samples": dup}
+                                     "duplicate_samples": dup, "message": errs[0]}

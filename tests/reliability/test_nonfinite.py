@@ -75,4 +75,4 @@ def test_nonfinite_steps_skip_then_stop_and_an_edited_recipe_is_refused_unless_a
     SUMMARY["tests"]["nonfinite_and_recipe_edit"] = {
         "injected_nan_steps": [2, 7, 8, 9], "skipped_steps": [2, 7, 8, 9], "stopped_at": 9,
         "checkpoint_kept": 5, "refused_keys": ["train.grad_clip", "train.lr"], "resumed_from": 5,
-        "samples_lost": lost, "duplicate_samples": dup}
+        "samples_lost": lost, "duplicate_samples": dup, "message": errs[0], "refusal": last}
