@@ -375,7 +375,9 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
     stop_before = tuple(int(x) for x in os.environ.get(STOP_ENV, "").split(":") if x)  # test hook: (step, rank)
 
     def stalled_fetch() -> str:
-        lost, who = describe_peers(peers, env.rank)
+        lost, who = describe_peers(peers, env.rank) if env.world_size > 1 else ([], "")
+        if not lost:
+            who = (who + "; " if who else "") + "the data loader itself may be stuck (a hung filesystem or remote source)"
         msg = (f"rank {env.rank} waited more than train.collective_timeout_s={cfg.train.collective_timeout_s} s for "
                f"the data of step {step + 1}: {who}; latest checkpoint: {_latest(run_dir)}; run the same command to "
                f"resume from it")
