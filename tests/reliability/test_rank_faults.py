@@ -162,3 +162,18 @@ def test_dead_and_hung_ranks_and_a_killed_save_resume_exactly(tmp_path, rel_shar
     figures.update(resumed_from=resumes, steps_recomputed=steps_recomputed(run), samples_lost=lost_n,
                    duplicate_samples=dup_n)
     SUMMARY["tests"]["rank_faults"] = figures
+
+
+def test_fetch_watchdog_ends_a_stalled_wait_and_stays_quiet_otherwise():
+    """The watchdog alone, in a subprocess: a fetch that returns in time leaves no trace; one that does not ends the
+    process with LOST_RANK_EXIT_CODE and the one-line message, also with a single process (a hung filesystem)."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom pixart_ds.train.trainer import _FetchWatchdog\n"
+            "with _FetchWatchdog(5, lambda: 'never'):\n    pass\n"
+            "with _FetchWatchdog(1, lambda: 'stuck fetch'):\n    time.sleep(60)\n")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 4 and p.stderr.strip().splitlines()[-1] == "pixart-ds train: error: stuck fetch", p.stderr
+    assert "never" not in p.stderr and time.time() - t0 < 50
