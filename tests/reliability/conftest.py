@@ -3,6 +3,7 @@ the end of the session and written to <pytest basetemp>/reliability_summary.json
 """
 import json
 import os
+import tempfile
 
 import pytest
 
@@ -33,8 +34,9 @@ def reference(tmp_path_factory, rel_shards):
 def pytest_sessionfinish(session, exitstatus):
     if not SUMMARY["tests"]:
         return
-    path = os.environ.get("PIXART_DS_RELIABILITY_SUMMARY") or os.path.join(
-        str(session.config._tmp_path_factory.getbasetemp()), "reliability_summary.json")
+    factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's tmp_path_factory, set by its tmpdir plugin
+    base = str(factory.getbasetemp()) if factory is not None else tempfile.gettempdir()
+    path = os.environ.get("PIXART_DS_RELIABILITY_SUMMARY") or os.path.join(base, "reliability_summary.json")
     with open(path, "w") as f:
         json.dump(SUMMARY, f, indent=1)
     SUMMARY["_path"] = path
