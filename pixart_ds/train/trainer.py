@@ -383,6 +383,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, allow_config_change:
                f"resume from it")
         metrics.event("rank_lost", step, message=msg, lost_ranks=lost)
         return msg
+
     nonfinite_run, first_bad, due = 0, None, False
     last_saved = step if plan is not None else -1
     rc, error_msg = 0, None
