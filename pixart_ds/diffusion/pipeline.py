@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from pixart_ds.diffusion.schedule import Schedule
+from pixart_ds.model.convert import write_dir_atomic
 
 
 @dataclass
@@ -164,25 +165,6 @@ def _copy_model_files(src: str, dst: str) -> list[str]:
     return names
 
 
-def _write_dir_atomic(path: str, write) -> None:
-    """write(tmp_dir) beside `path`, then rename it to `path`; an existing non-empty `path` is refused."""
-    import tempfile
-
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise ValueError(f"{path}: output exists and is not empty; remove it or choose another path")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp.export.", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _encoder_dirs(text_encoder: str, vae: str) -> tuple[str, str, str]:
     """(tokenizer dir, T5 dir, VAE dir), accepting pipeline-style roots with tokenizer/, text_encoder/, vae/."""
     for p, what in ((text_encoder, "text encoder"), (vae, "VAE")):
@@ -269,6 +251,6 @@ def export_diffusers(ckpt: str, out: str, vae: Optional[str] = None, text_encode
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
 
-    _write_dir_atomic(out, write)
+    write_dir_atomic(out, write)
     print(f"pixart-ds export: {ck.kind} {ckpt} ({ck.weights} weights, {ck.resolution} px) -> PixArtAlphaPipeline {out}")
     return 0

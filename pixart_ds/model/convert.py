@@ -480,13 +480,13 @@ def write_diffusers(path: str, sd: dict, model_cfg, resolution: int, pe_interpol
         dm = PixArtTransformer2DModel(**dcfg)
     check_state_dict(dm.state_dict(), dsd, "--to diffusers")
     dm.load_state_dict(dsd, strict=True, assign=True)
-    _write_dir_atomic(path, lambda tmp: (
+    write_dir_atomic(path, lambda tmp: (
         dm.save_pretrained(tmp, safe_serialization=True),
         save_file({"y_embedding": sd["y_embedder.y_embedding"].contiguous().cpu()},
                   os.path.join(tmp, DIFFUSERS_NULL_CAPTION))))
 
 
-def _write_dir_atomic(path: str, write) -> None:
+def write_dir_atomic(path: str, write) -> None:
     """write(tmp_dir) then rename it to `path`; refuses a non-empty existing `path`."""
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise ValueError(f"{path}: output exists and is not empty; remove it or choose another path")
@@ -765,7 +765,7 @@ def convert_file(src: str, dst: str, inp: str, out: str, reparam_t: int = 500, r
         sd = model.state_dict()
 
     if dst == "ours":
-        _write_dir_atomic(out, lambda tmp: save_ours(tmp, _save_model_json_cfg(model), sd, resolution))
+        write_dir_atomic(out, lambda tmp: save_ours(tmp, _save_model_json_cfg(model), sd, resolution))
     elif dst == "official":
         write_official(out, sd, model)
     elif dst == "diffusers":
