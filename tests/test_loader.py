@@ -72,7 +72,12 @@ def _scenarios(spec, micro, out):
     out["epoch_size"] = epoch_size(loader).__dict__
     out["epoch"], state = _run_epoch(loader, state_after=K)
     out["state"] = state
-    out["shard_checks"] = loader.dataset._shard_checks[:].tolist()  # node-wide verdicts, filled by any process
+    # The table is node-wide and filled by whichever process touches a shard first: read it once every rank
+    # has finished its epoch, or a shard only the other rank reads may still be unchecked.
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        tdist.barrier()
+    out["shard_checks"] = loader.dataset._shard_checks[:].tolist()
     resumed = build_loader(cfg, micro)
     resumed.load_state_dict(state)
     out["resumed"], _ = _run_epoch(resumed)
