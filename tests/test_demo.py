@@ -40,12 +40,13 @@ def test_demo_recipes_match_the_fitted_vae():
 
 
 def test_demo_text_settings_fit_the_small_t5(tiny_t5_dir):
-    """Stage 2's text width is make_tiny_t5's, and every caption the demo trains or samples on fits its tokens."""
+    """Stage 2's text width is the demo T5's, and every caption the demo trains or samples on fits its tokens
+    (the tokenizer is make_tiny_t5's whatever the width)."""
     from pixart_ds.model.encoders import load_text_encoder
 
-    tok, te = load_text_encoder(tiny_t5_dir, dtype="fp32")
+    tok, _ = load_text_encoder(tiny_t5_dir, dtype="fp32")
     s2 = config.load(demo.STAGE2_RECIPE)
-    assert s2.model.caption_channels == te.config.d_model
+    assert s2.model.caption_channels == demo.DEMO_T5["d_model"]
     caps = [synthetic.caption(synthetic.attributes(i, demo.DATA_SEED)) for i in range(demo.FULL["text_images"])]
     caps += synthetic.held_out_prompts(demo.FULL["eval_prompts"], seed=demo.DATA_SEED)
     assert max(len(tok(c)["input_ids"]) for c in caps) <= s2.model.max_text_tokens
@@ -68,6 +69,14 @@ def test_demo_small_end_to_end(run_cli, tmp_path):
     with open(out / "demo_summary.json") as f:
         s = json.load(f)
     assert s["mode"] == "small" and s["world_size"] == 2
+
+    # Features were extracted by `pixart-ds features` on the same 2 ranks, each writing its own partition.
+    for key in ("features_class", "features_text"):
+        with open(out / "data" / f"{key}.summary.json") as f:
+            fs = json.load(f)
+        assert fs["world_size"] == 2 and fs["written"] == s["images"]["stage1" if key == "features_class" else "stage2"]
+        assert sorted(n for n in os.listdir(out / "data" / key) if not n.startswith(".")) == [
+            "index.json", "part-00000-of-00002", "part-00001-of-00002"]
 
     # Both stages trained to their last step and left a complete checkpoint, written by 2 ZeRO-2 ranks.
     small = {k: dict(o.split("=", 1) for o in v) for k, v in demo.SMALL_OVERRIDES.items()}
@@ -112,3 +121,16 @@ def test_demo_small_end_to_end(run_cli, tmp_path):
     assert f"alignment score (held-out prompts, shape + colour + background): {a:.3f}" in p.stdout
     for phase in ("data", "encoders", "features", "stage1", "stage2", "sample"):
         assert s["seconds"][phase] >= 0 and f"== {phase} done in" in p.stdout
+
+
+def test_small_t5_tokenizer_keeps_words_whole_and_spells_out_the_rest(tiny_t5_dir):
+    """Every word of a demo caption is one token (as a real T5 keeps common words whole); unknown words are spelt
+    out in characters, never <unk>."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    cap = synthetic.caption(synthetic.attributes(0, demo.DATA_SEED))
+    assert tok.tokenize(cap) == ["\u2581" + w for w in cap.split()]
+    assert tok(cap)["input_ids"][-1] == tok.eos_token_id
+    assert tok.tokenize("a zebra") == ["\u2581a", "\u2581z", "e", "b", "r", "a"]
+    assert tok.unk_token_id not in tok("Zebra, 42 cats!")["input_ids"]

@@ -113,3 +113,23 @@ def test_model_info_matches_a_real_model():
     # model_info counts on the meta device; the tiny preset (4096-d captions) built for real must agree
     full = PixArt(config.from_dict({"model": {"preset": "tiny"}}).model, 32, 0.5)
     assert model_info("tiny")["total"] == sum(p.numel() for p in full.parameters())
+
+
+def test_caption_projection_init_is_official_at_t5_xxl_width_and_scaled_below():
+    """N(0, 0.02) for T5-XXL (4096) into hidden 1152, as the official code; a narrower encoder / model scales the
+    std by sqrt(reference fan-in / fan-in), so the projected caption keeps the official scale."""
+    torch.manual_seed(0)
+    xl = build_model(config.from_dict({"model": {"preset": "PixArt-XL/2", "depth": 1}, "data": {"resolution": 256}}))
+    fc1, fc2 = xl.y_embedder.y_proj.fc1, xl.y_embedder.y_proj.fc2
+    assert (fc1.in_features, fc2.in_features) == (4096, 1152)
+    assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.01)
+    assert fc2.weight.std().item() == pytest.approx(0.02, rel=0.01)
+
+    narrow = build_model(tiny_cfg(hidden_size=192, num_heads=6, caption_channels=32))
+    fc1, fc2 = narrow.y_embedder.y_proj.fc1, narrow.y_embedder.y_proj.fc2
+    assert fc1.weight.std().item() == pytest.approx(0.02 * (4096 / 32) ** 0.5, rel=0.05)
+    assert fc2.weight.std().item() == pytest.approx(0.02 * (1152 / 192) ** 0.5, rel=0.05)
+    # Same output scale for unit-RMS encoder features: within a factor 1.5 of the XL/T5-XXL projection's.
+    with torch.no_grad():
+        rms = lambda m, c: m.y_embedder.y_proj(torch.randn(256, c)).pow(2).mean().sqrt().item()  # noqa: E731
+        assert 1 / 1.5 < rms(narrow, 32) / rms(xl, 4096) < 1.5

@@ -109,16 +109,22 @@ _TINY_WORDS = (
 
 
 def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A SentencePiece-style Unigram tokenizer over a fixed vocabulary: every word of _TINY_WORDS is one piece
+    ("▁red"), as a real T5 tokenizer keeps common words whole; any other text falls back to single characters
+    (never <unk> for printable ASCII). Built from an explicit vocabulary, so it is the same on every machine."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    specials = ["<pad>", "</s>", "<unk>"]
+    words = list(dict.fromkeys(_TINY_WORDS.split()))
+    chars = list(dict.fromkeys("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"-"))
+    # Unigram log-probabilities: a whole word always beats spelling it out (-2 vs >= 2 x -8).
+    vocab = [(t, 0.0) for t in specials] + [("▁" + w, -2.0) for w in words] + [("▁", -8.0)]
+    vocab += [(c, -8.0) for c in chars] + [("▁" + c, -8.0) for c in chars if "▁" + c not in dict(vocab)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                                      show_progress=False)
-    corpus = [_TINY_WORDS] * 20 + ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?'\"-"]
-    tok.train_from_iterator(corpus, trainer)
+    tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                            extra_ids=0, model_max_length=512)

@@ -66,6 +66,10 @@ class PixArtBlock(nn.Module):
         return x
 
 
+# Fan-ins the official caption-projection init (N(0, 0.02)) was set for: T5-XXL 4096 -> PixArt-XL 1152.
+CAPTION_INIT_FAN_IN = (4096, 1152)
+
+
 class PixArt(nn.Module):
     """forward(x [B, C, h, w], timestep [B], y, mask=None, drop=None, data_info=None) -> [B, out_channels, h, w].
 
@@ -123,8 +127,9 @@ class PixArt(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     def initialize_weights(self):
         """Official PixArt / DiT init: xavier-uniform linears with zero bias; N(0, 0.02) for the timestep, size,
-        caption and label embedders and t_block; cross-attention output projection and the final linear zero
-        (a fresh block adds nothing through text; the model starts by predicting 0); DiT's adaLN MLPs zero."""
+        caption (width-scaled, see below) and label embedders and t_block; cross-attention output projection and the
+        final linear zero (a fresh block adds nothing through text; the model starts by predicting 0); DiT's adaLN
+        MLPs zero."""
         if self.pos_embed.is_meta:
             return
 
@@ -144,8 +149,13 @@ class PixArt(nn.Module):
         if hasattr(self, "t_block"):
             nn.init.normal_(self.t_block[1].weight, std=0.02)
         if isinstance(self.y_embedder, CaptionEmbedder):
-            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+            # The official N(0, 0.02) is calibrated for T5-XXL's 4096 channels into PixArt-XL's 1152: each std is
+            # scaled by sqrt(reference fan-in / fan-in), so the projected caption has the same scale for any
+            # encoder or model width (exactly the official init for T5-XXL into hidden 1152). Unscaled, a narrow
+            # encoder (the tests' 32-wide T5) projects captions ~10x smaller and the model is slow to read them.
+            fc1, fc2 = self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2
+            nn.init.normal_(fc1.weight, std=0.02 * (CAPTION_INIT_FAN_IN[0] / fc1.in_features) ** 0.5)
+            nn.init.normal_(fc2.weight, std=0.02 * (CAPTION_INIT_FAN_IN[1] / fc2.in_features) ** 0.5)
         else:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for block in self.blocks:
