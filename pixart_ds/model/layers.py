@@ -116,7 +116,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous tokens-major once here: the transposed view would otherwise set the memory layout of the whole
+        # residual stream (elementwise ops keep their first input's strides), and every LayerNorm and Linear of
+        # every block, forward and backward, would copy it back (about 5% of a CPU step at PixArt-S/2).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class FinalLayer(nn.Module):
