@@ -117,10 +117,12 @@ def test_demo_small_end_to_end(run_cli, tmp_path):
     a = s["alignment"]
     assert isinstance(a, float) and 0.0 <= a <= 1.0
     assert a == pytest.approx(sum(im["ok"] for im in held) / n)
-    assert 0.0 <= s["alignment_in_distribution"] <= 1.0
+    indist = detail["sets"]["indist"]["images"]
+    assert len(indist) == n and s["alignment_in_distribution"] == pytest.approx(sum(im["ok"] for im in indist) / n)
     assert f"alignment score (held-out prompts, shape + colour + background): {a:.3f}" in p.stdout
     for phase in ("data", "encoders", "features", "stage1", "stage2", "sample"):
-        assert s["seconds"][phase] >= 0 and f"== {phase} done in" in p.stdout
+        assert s["seconds"][phase] > 0 and f"== {phase} done in" in p.stdout
+    assert s["seconds"]["total"] == pytest.approx(sum(s["seconds"][k] for k in s["seconds"] if k != "total"), abs=1.0)
 
 
 def test_small_t5_tokenizer_keeps_words_whole_and_spells_out_the_rest(tiny_t5_dir):

@@ -396,30 +396,29 @@ def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 
             _say(f"   note: {os.path.relpath(r, REPO)} has encoders.vae_scale={rs} but {vae_path} has scaling_factor "
                  f"{vae_scale}; using the VAE's")
 
+    def train_stage(stage: str, recipe: str, overrides: list[str]):
+        """`pixart-ds train RECIPE` for `stage` on the demo's ranks: (exit code, the run's record or None)."""
+        args = ["train", recipe, f"run_dir={paths[stage]}", *overrides, *common,
+                *(SMALL_OVERRIDES[stage] if small else [])]
+        rc = _launch(f"stage {stage[-1]} training", args, world_size, os.path.join(paths["logs"], f"{stage}.log"))
+        return rc, (None if rc else _run_record(paths[stage]))
+
     # ---- 4. stage 1 ----
     ph.start("stage1", "class-conditional DiT-style model (adaLN per block), DeepSpeed ZeRO-2")
-    rc = _launch("stage 1 training",
-                 ["train", STAGE1_RECIPE, f"run_dir={paths['stage1']}",
-                  f"data.sources=[{{local: {paths['features_class']}}}]", *common,
-                  *(SMALL_OVERRIDES["stage1"] if small else [])],
-                 world_size, os.path.join(paths["logs"], "stage1.log"))
+    rc, rec1 = train_stage("stage1", STAGE1_RECIPE, [f"data.sources=[{{local: {paths['features_class']}}}]"])
     if rc:
         return rc
-    rec1 = _run_record(paths["stage1"])
     ph.end(f"{rec1['steps']} steps, {rec1['images_seen']} images, loss {rec1['first_loss']:.4f} -> "
            f"{rec1['last_loss_avg']:.4f}; checkpoint {rec1['checkpoint']}")
 
     # ---- 5. stage 2 ----
     ph.start("stage2", "text-conditional adaLN-single, initialised from stage 1 by re-parameterization")
-    rc = _launch("stage 2 training",
-                 ["train", STAGE2_RECIPE, f"run_dir={paths['stage2']}",
-                  f"data.sources=[{{local: {paths['features_text']}}}]", f"encoders.text_encoder={paths['t5']}",
-                  f"model.caption_channels={t5_width}", f"train.init_from={paths['stage1']}", *common,
-                  *(SMALL_OVERRIDES["stage2"] if small else [])],
-                 world_size, os.path.join(paths["logs"], "stage2.log"))
+    rc, rec2 = train_stage("stage2", STAGE2_RECIPE,
+                           [f"data.sources=[{{local: {paths['features_text']}}}]",
+                            f"encoders.text_encoder={paths['t5']}", f"model.caption_channels={t5_width}",
+                            f"train.init_from={paths['stage1']}"])
     if rc:
         return rc
-    rec2 = _run_record(paths["stage2"])
     ph.end(f"{rec2['steps']} steps, {rec2['images_seen']} images, loss {rec2['first_loss']:.4f} -> "
            f"{rec2['last_loss_avg']:.4f}; init: {rec2['init']}")
 
