@@ -130,8 +130,18 @@ def _tiny_tokenizer():
                            extra_ids=0, model_max_length=512)
 
 
-def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0) -> str:
-    """Save a random T5EncoderModel + tokenizer that `load_text_encoder(path)` reads."""
+def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0,
+                 neighbour_bias: float = 0.0) -> str:
+    """Save a random T5EncoderModel + tokenizer that `load_text_encoder(path)` reads.
+
+    `neighbour_bias` > 0 replaces the random relative-attention bias (learned, in a real T5) with a locality prior:
+    head h adds `neighbour_bias` to the logit of the word right after it (even h) or right before it (odd h) and 0
+    elsewhere. A random T5 attends almost uniformly, so each word's output is the word plus the caption's average,
+    and "a red circle on a blue background" encodes almost as "a blue circle on a red background": no model reading
+    it can tell which colour is whose. A pretrained T5's features are contextual; with the prior each word's
+    features carry its neighbours ("blue" before "background" differs from "blue" before "circle"), which is what
+    a small stand-in for it needs (the demo, pixart_ds/train/demo.py DEMO_T5).
+    """
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _tiny_tokenizer()
@@ -141,6 +151,15 @@ def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: i
                    relative_attention_max_distance=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
                    pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
     model = T5EncoderModel(cfg).eval()
+    if neighbour_bias:
+        attn = model.encoder.block[0].layer[0].SelfAttention  # T5 keeps the bias in block 0, shared by every block
+        with torch.no_grad():
+            attn.relative_attention_bias.weight.zero_()
+            for h in range(num_heads):
+                offset = torch.tensor(1 if h % 2 == 0 else -1)  # key position - query position
+                bucket = attn._relative_position_bucket(offset, bidirectional=True, num_buckets=cfg.relative_attention_num_buckets,
+                                                        max_distance=cfg.relative_attention_max_distance)
+                attn.relative_attention_bias.weight[bucket, h] = float(neighbour_bias)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

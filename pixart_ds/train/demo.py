@@ -75,7 +75,7 @@ DATA_SEED = 0
 # The demo's random T5: 4 layers x 128 wide, so that every token's features carry its neighbours (which colour word
 # is the object's and which the background's) strongly enough for the model to read them within minutes; at 2 x 32
 # a linear read-out of the pooled caption tells the background colour 74% of the time, at 4 x 128 95%.
-DEMO_T5 = {"d_model": 128, "num_layers": 4, "num_heads": 4}
+DEMO_T5 = {"d_model": 128, "num_layers": 4, "num_heads": 4, "neighbour_bias": 4.0}
 # The VAE fitted to the embedded images (pixart_ds/data/synthetic_vae.py), shipped as package data.
 ASSET_VAE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "assets", "synthetic_vae")
 
