@@ -95,9 +95,14 @@ def main(argv=None) -> int:
             print(f"throughput: error: {r}: recipe file not found", file=sys.stderr)
             return 2
     if a.in_process or len(a.recipes) == 1:
+        from pixart_ds.train.dist import destroy
+
         rc = 0
-        for r in a.recipes:
-            rc |= run_one(a, r)
+        try:
+            for r in a.recipes:
+                rc |= run_one(a, r)
+        finally:
+            destroy()  # before exit-time destructors: gloo's threads can abort an exiting process
         return rc
     # Several recipes: one subprocess each, so every measurement starts from a clean device and process group,
     # and one failing stage does not stop the others.

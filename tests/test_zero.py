@@ -72,7 +72,7 @@ def _worker(out_path: str) -> None:
     from pixart_ds import config as C
     from pixart_ds.diffusion.schedule import Schedule
     from pixart_ds.train import zero
-    from pixart_ds.train.dist import dist_env, init_distributed
+    from pixart_ds.train.dist import destroy, dist_env, init_distributed
     from pixart_ds.train.step import train_step
 
     cfg = parity_cfg()
@@ -91,6 +91,9 @@ def _worker(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(rows, f)
     torch.distributed.barrier()
+    # Tear gloo down before the interpreter does: left to exit-time destructors, its threads can abort the process
+    # ("terminate called without an active exception") after the work is done.
+    destroy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
