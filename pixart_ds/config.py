@@ -53,6 +53,10 @@ class ModelConfig:
     caption_channels: int = 4096  # T5 v1.1 XXL width
     max_text_tokens: int = 120  # paper: 120 tokens, not 77
     num_classes: int = 1000
+    # Init std of the class-embedding table (condition=class): DiT's 0.02. Over DiT's 400k steps the scale does not
+    # matter; in a run of a few hundred steps rows that small stay lost beside the timestep embedding and the model
+    # trains nearly unconditional (the demo's stage 1 uses 1.0).
+    label_init_std: float = 0.02
     # PixArtMS: resolution + aspect-ratio embeddings, positional embedding recomputed per (h, w).
     multi_scale: bool = False
     # Positional-embedding grid scale; null = derived from data.resolution (0.5 / 1 / 2 at 256 / 512 / 1024).
@@ -467,6 +471,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if value is not None and value < 1:
             err(key, f"must be >= 1, got {value}")
 
+    if m.label_init_std <= 0:
+        err("model.label_init_std", f"must be > 0, got {m.label_init_std}")
     if m.hidden_size % m.num_heads:
         err("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.multi_scale and m.hidden_size % 3:

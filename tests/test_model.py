@@ -115,6 +115,18 @@ def test_model_info_matches_a_real_model():
     assert model_info("tiny")["total"] == sum(p.numel() for p in full.parameters())
 
 
+def test_class_embedding_init_is_dit_by_default_and_set_by_label_init_std():
+    """DiT's N(0, 0.02) class-embedding table unless model.label_init_std says otherwise (the demo's short stage 1);
+    the null-class row is initialised with the rest, and a non-positive std is refused by name."""
+    torch.manual_seed(0)
+    dit = build_model(tiny_cfg(condition="class", adaln="block", num_classes=200))
+    assert dit.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    wide = build_model(tiny_cfg(condition="class", adaln="block", num_classes=200, label_init_std=1.0))
+    assert wide.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(config.ConfigError, match=r"model\.label_init_std: must be > 0, got 0"):
+        config.from_dict({"model": {"preset": "tiny", "condition": "class", "label_init_std": 0.0}})
+
+
 def test_caption_projection_init_is_official_at_t5_xxl_width_and_scaled_below():
     """N(0, 0.02) for T5-XXL (4096) into hidden 1152, as the official code; a narrower encoder / model scales the
     std by sqrt(reference fan-in / fan-in), so the projected caption keeps the official scale."""

@@ -157,7 +157,7 @@ class PixArt(nn.Module):
             nn.init.normal_(fc1.weight, std=0.02 * (CAPTION_INIT_FAN_IN[0] / fc1.in_features) ** 0.5)
             nn.init.normal_(fc2.weight, std=0.02 * (CAPTION_INIT_FAN_IN[1] / fc2.in_features) ** 0.5)
         else:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.cfg.label_init_std)
         for block in self.blocks:
             if block.cross_attn is not None:
                 nn.init.zeros_(block.cross_attn.proj.weight)

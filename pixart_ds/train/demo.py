@@ -54,7 +54,7 @@ STAGE1_RECIPE = os.path.join(RECIPES, "demo_stage1.yaml")
 STAGE2_RECIPE = os.path.join(RECIPES, "demo.yaml")
 
 # Dataset and evaluation sizes. The training sizes (model, steps, batch, lr, ...) live in the recipes.
-FULL = {"class_images": 1024, "text_images": 2048, "eval_prompts": 64, "vae_fit_steps": 1500, "vae_fit_images": 6000}
+FULL = {"class_images": 1024, "text_images": 4096, "eval_prompts": 64, "vae_fit_steps": 1500, "vae_fit_images": 6000}
 # --small (CI): the same pipeline at a size that runs in a few minutes on 2 CPU cores. It proves the plumbing
 # (both stages train and checkpoint, stage 2 starts from stage 1 through the re-parameterization, samples are
 # judged), not the quality: its alignment score is reported, not expected to reach the full demo's.
