@@ -53,9 +53,9 @@ class ModelConfig:
     caption_channels: int = 4096  # T5 v1.1 XXL width
     max_text_tokens: int = 120  # paper: 120 tokens, not 77
     num_classes: int = 1000
-    # Init std of the class-embedding table (condition=class): DiT's 0.02. Over DiT's 400k steps the scale does not
-    # matter; in a run of a few hundred steps rows that small stay lost beside the timestep embedding and the model
-    # trains nearly unconditional (the demo's stage 1 uses 1.0).
+    # Init std of the class-embedding table (condition=class, null-class row included): DiT's 0.02. The demo's
+    # stage 1, a few hundred steps long, uses 1.0, which its stage 2 learned object colours from a little faster
+    # (benchmarks/results/demo_cpu-2core_202611.md).
     label_init_std: float = 0.02
     # PixArtMS: resolution + aspect-ratio embeddings, positional embedding recomputed per (h, w).
     multi_scale: bool = False

@@ -117,7 +117,7 @@ def test_model_info_matches_a_real_model():
 
 def test_class_embedding_init_is_dit_by_default_and_set_by_label_init_std():
     """DiT's N(0, 0.02) class-embedding table unless model.label_init_std says otherwise (the demo's short stage 1);
-    the null-class row is initialised with the rest, and a non-positive std is refused by name."""
+    a non-positive std is refused by name."""
     torch.manual_seed(0)
     dit = build_model(tiny_cfg(condition="class", adaln="block", num_classes=200))
     assert dit.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.05)
