@@ -157,7 +157,8 @@ def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: i
             attn.relative_attention_bias.weight.zero_()
             for h in range(num_heads):
                 offset = torch.tensor(1 if h % 2 == 0 else -1)  # key position - query position
-                bucket = attn._relative_position_bucket(offset, bidirectional=True, num_buckets=cfg.relative_attention_num_buckets,
+                bucket = attn._relative_position_bucket(offset, bidirectional=True,
+                                                        num_buckets=cfg.relative_attention_num_buckets,
                                                         max_distance=cfg.relative_attention_max_distance)
                 attn.relative_attention_bias.weight[bucket, h] = float(neighbour_bias)
     os.makedirs(path, exist_ok=True)
