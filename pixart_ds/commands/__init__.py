@@ -1,0 +1,1 @@
+"""One module per `pixart-ds` verb; `pixart_ds/cli.py` only parses arguments and dispatches here."""

@@ -1,0 +1,1 @@
+"""Image-quality evaluation: FID / KID on Inception-v3 pool features, CLIP score, prompt alignment."""
