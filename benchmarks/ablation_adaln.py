@@ -32,8 +32,22 @@ import sys
 import tempfile
 import time
 
+import torch
+import yaml
+
+from pixart_ds import config as C
+from pixart_ds import hardware as H
+from pixart_ds.bench import report
+from pixart_ds.bench.report import gib, hardware_md, versions_md
+from pixart_ds.data import synthetic
+from pixart_ds.diffusion.sampling import generate, to_pil
+from pixart_ds.model.encoders import load_text_encoder, load_vae, make_tiny_t5
+from pixart_ds.model.pixart import build_model, model_info
+from pixart_ds.testing import make_tiny_vae
+from pixart_ds.train.metrics import read_metrics
+from pixart_ds.train.weights import build_sampling_model, resolve_checkpoint
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 PAPER_PARAMS_M = {"block": 833, "single": 611}
 PAPER_MEMORY_GB = {"block": 29, "single": 23}
@@ -72,8 +86,6 @@ def parse_args(argv=None):
 # 1. Parameters
 # ------------------------------------------------------------------------------------------------------------------
 def params_part() -> dict:
-    from pixart_ds.model.pixart import model_info
-
     out = {}
     for adaln, _ in VARIANTS:
         info = model_info("PixArt-XL/2", adaln=adaln, condition="text")
@@ -131,8 +143,6 @@ DEMO_RECIPE = os.path.join(REPO, "recipes", "demo.yaml")
 
 
 def _demo_recipe() -> dict | None:
-    import yaml
-
     if not os.path.isfile(DEMO_RECIPE):
         return None
     with open(DEMO_RECIPE) as f:
@@ -179,12 +189,6 @@ def _base_recipe(a, t5, t5_width, vae, vae_scale, feat, res, gpu) -> dict:
 
 
 def training_part(a, work: str) -> dict:
-    import torch
-
-    from pixart_ds import config as C
-    from pixart_ds.data import synthetic
-    from pixart_ds.model.encoders import make_tiny_t5, make_tiny_vae
-
     gpu = torch.cuda.is_available()
     vae = a.vae or _fitted_vae()
     fitted = vae is not None
@@ -219,8 +223,6 @@ def training_part(a, work: str) -> dict:
         _run([sys.executable, "-m", "pixart_ds.cli", "train", path], f"train adaln={adaln}")
         runs[adaln] = {"recipe": C.to_dict(cfg), "wall_s": time.time() - t0, "run_dir": d["run_dir"]}
 
-    from pixart_ds.train.metrics import read_metrics
-
     for adaln, r in runs.items():
         steps, _ = read_metrics(os.path.join(r["run_dir"], "metrics.jsonl"))
         r["loss"] = [[s, steps[s]["loss"]] for s in sorted(steps) if "loss" in steps[s]]
@@ -239,13 +241,6 @@ def training_part(a, work: str) -> dict:
 
 
 def _alignment(run_dir, seen, held, vae_path, t5_path, res, vae_scale, a) -> dict:
-    import torch
-
-    from pixart_ds.data import synthetic
-    from pixart_ds.diffusion.pipeline import build_sampling_model, resolve_checkpoint
-    from pixart_ds.diffusion.sampling import generate, to_pil
-    from pixart_ds.model.encoders import load_text_encoder, load_vae
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ck = resolve_checkpoint(run_dir, use_ema=True)
     model = build_sampling_model(ck, device=device)
@@ -268,10 +263,10 @@ def _alignment(run_dir, seen, held, vae_path, t5_path, res, vae_scale, a) -> dic
 # Report
 # ------------------------------------------------------------------------------------------------------------------
 def plot(rec: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only the report plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy (see above); after use("Agg"), so no display is needed
 
     tr = rec.get("training") or {}
     runs = tr.get("runs") or {}
@@ -315,8 +310,6 @@ def plot(rec: dict, path: str) -> None:
 
 
 def render(rec: dict, base: str) -> str:
-    from pixart_ds.bench.report import gib, hardware_md, versions_md
-
     p, hw = rec["params"], rec["hardware"]
     pb, ps = p["block"]["total"], p["single"]["total"]
     lines = [
@@ -407,18 +400,13 @@ def render(rec: dict, base: str) -> str:
                   "object colour and background colour match the prompt, by pixart_ds.data.synthetic.judge. "
                   "Held-out prompts combine a shape, colour and background never seen together in training."]
     elif rec.get("training_skipped"):
-        lines += ["", f"## 3. Short training", "", rec["training_skipped"]]
+        lines += ["", "## 3. Short training", "", rec["training_skipped"]]
     lines += ["", "## Hardware", "", hardware_md(hw), "", "## Versions", "", versions_md(rec["versions"])]
     return "\n".join(lines) + "\n"
 
 
 def _trainable(recipe: dict) -> int:
     """Trainable parameters of a recipe's model (built on the meta device)."""
-    import torch
-
-    from pixart_ds import config as C
-    from pixart_ds.model.pixart import build_model
-
     with torch.device("meta"):
         m = build_model(C.from_dict(recipe, "ablation recipe"))
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -426,8 +414,6 @@ def _trainable(recipe: dict) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from pixart_ds.bench import hardware as H
-    from pixart_ds.bench import report
 
     outs = a.out or [report.DEFAULT_RESULTS]
     hw = H.device_record()

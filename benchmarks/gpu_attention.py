@@ -31,11 +31,16 @@ import statistics
 import sys
 import time
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pixart_ds import config
+from pixart_ds import hardware as H
+from pixart_ds.bench import report
+from pixart_ds.model.attention import resolve_backend
+from pixart_ds.model.pixart import build_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-
 
 def parse_args(argv=None):
     gpu = torch.cuda.is_available()
@@ -63,9 +68,6 @@ def backends_present(device: torch.device) -> list[str]:
 
 
 def build(a, device):
-    from pixart_ds import config
-    from pixart_ds.model.pixart import build_model
-
     cfg = config.from_dict({"model": {"preset": a.preset, "caption_channels": a.caption_channels,
                                       "max_text_tokens": a.text_tokens, "attention": "math"},
                             "data": {"resolution": a.resolution}}, "gpu_attention")
@@ -109,7 +111,6 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def sdpa_ops(model, inp) -> dict:
     """aten SDPA kernels that one forward calls (name -> count)."""
-    from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU]
     with torch.no_grad(), profile(activities=acts) as prof:
@@ -159,10 +160,6 @@ def peak_bytes(model, inp, device) -> int | None:
 
 
 def main(argv=None) -> int:
-    from pixart_ds.bench import hardware as H
-    from pixart_ds.bench import report
-    from pixart_ds.model.attention import resolve_backend
-
     a = parse_args(argv)
     device = torch.device(a.device)
     hw, versions = H.device_record(device), H.versions()

@@ -116,7 +116,7 @@ if [ "$DRY" -eq 1 ]; then
 else
   $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { log "no CUDA device: stop"; return 1; }
 fi
-SLUG=$(python3 -c "from pixart_ds.bench.hardware import device_record; print(device_record()['slug'])" 2>/dev/null || echo gpu)
+SLUG=$(python3 -c "from pixart_ds.hardware import device_record; print(device_record()['slug'])" 2>/dev/null || echo gpu)
 log "hardware slug: $SLUG"
 
 # 1. GPU tests (modules whose imports are missing on this image are reported, not fatal).

@@ -19,15 +19,14 @@ import os
 import sys
 import tempfile
 
+from pixart_ds import config as C
+from pixart_ds.bench import gpu_days as gd
+from pixart_ds.bench import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def main(argv=None) -> int:
-    from pixart_ds import config as C
-    from pixart_ds.bench import gpu_days as gd
-    from pixart_ds.bench import report
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", action="append", default=None,
                    help="folder(s) or JSON files of throughput results (default benchmarks/results)")

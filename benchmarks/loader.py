@@ -26,8 +26,19 @@ import sys
 import tempfile
 import time
 
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from pixart_ds import config as C
+from pixart_ds import hardware as H
+from pixart_ds.bench import report
+from pixart_ds.bench.report import hardware_md, versions_md
+from pixart_ds.bench.throughput import measure
+from pixart_ds.data.loader import build_loader, epoch_size
+from pixart_ds.testing import write_feature_shards
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 SCHEMA = "pixart_ds.loader/1"
 RULE = ("Per worker count: a fresh build_loader over the feature shards, one epoch iterated; the first batch (worker "
@@ -62,11 +73,7 @@ def parse_args(argv=None):
 
 
 def synthesize(cfg, n: int, root: str) -> str:
-    """Feature shards of `n` random samples at the recipe's shapes (tests/data_helpers.write_feature_shards)."""
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from data_helpers import write_feature_shards
-
-    from pixart_ds import config as C
+    """Feature shards of `n` random samples at the recipe's shapes (pixart_ds.testing.write_feature_shards)."""
 
     ls = C.latent_size(cfg)
     out = os.path.join(root, "features")
@@ -81,9 +88,6 @@ def dir_bytes(path: str) -> int:
 
 
 def time_loader(cfg, batch: int, workers: int, progress: bool) -> dict:
-    from pixart_ds import config as C
-    from pixart_ds.data.loader import build_loader, epoch_size
-
     cfg = C.replace(cfg, **{"data.num_workers": workers})
     t0 = time.perf_counter()
     loader = build_loader(cfg, batch)
@@ -91,7 +95,6 @@ def time_loader(cfg, batch: int, workers: int, progress: bool) -> dict:
     n_batches = epoch_size(loader).batches_per_rank
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=n_batches, desc=f"loader workers={workers}", unit="batch", leave=False)
     t0 = time.perf_counter()
@@ -115,8 +118,6 @@ def time_loader(cfg, batch: int, workers: int, progress: bool) -> dict:
 
 
 def render_markdown(rec: dict, notes: list[str]) -> str:
-    from pixart_ds.bench.report import hardware_md, versions_md
-
     m, step = rec["measure"], rec.get("step")
     hw = rec["hardware"]
     lines = [f"# Data loading: {rec['recipe_name']} on {hw['name']}", "",
@@ -157,11 +158,6 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"loader: error: --workers {a.workers!r}: expected comma-separated integers", file=sys.stderr)
         return 2
-    import torch
-
-    from pixart_ds import config as C
-    from pixart_ds.bench import hardware as H
-    from pixart_ds.bench import report
 
     notes = []
     overrides = list(a.overrides) + ["train.torch_adam=true"]
@@ -182,7 +178,6 @@ def main(argv=None) -> int:
         # One source, one global batch = one micro batch (a single process measures one device's loader).
         cfg = C.replace(cfg, **{"data.sources": [{"local": data}], "train.global_batch_size": batch,
                                 "train.micro_batch_size": batch, "train.init_from": None})
-        from pixart_ds.data.loader import build_loader, epoch_size
 
         probe = build_loader(C.replace(cfg, **{"data.num_workers": 0}), batch)
         samples = epoch_size(probe).drawn
@@ -192,7 +187,6 @@ def main(argv=None) -> int:
 
     step = None
     if not a.no_step:
-        from pixart_ds.bench.throughput import measure
 
         srec = measure(C.replace(cfg, **{"train.micro_batch_size": batch}), warmup=a.warmup, steps=a.steps,
                        progress=not a.no_progress, matmul_probe=False)
@@ -201,7 +195,6 @@ def main(argv=None) -> int:
                 "step_s_median": srec["results"]["step_time_s"]["median"],
                 "model": f"{mc['preset']} ({srec['results']['parameters'] / 1e6:.1f}M parameters)",
                 "precision": srec["measure"]["precision"], "record": srec["results"]}
-    import torch.distributed as tdist
 
     if tdist.is_initialized() and tdist.get_rank() != 0:
         return 0
@@ -217,7 +210,7 @@ def main(argv=None) -> int:
         "hardware": hw,
         "versions": H.versions(),
         "measure": {"micro_batch_size": batch, "samples": int(samples), "shard_mib": shard_mib,
-                    "data": a.data or "synthetic (tests/data_helpers.write_feature_shards, T5 tokens uniform in "
+                    "data": a.data or "synthetic (pixart_ds.testing.write_feature_shards, T5 tokens uniform in "
                                       f"1..{cfg.model.max_text_tokens})",
                     "latent_shape": [cfg.model.in_channels, ls, ls], "text_dim": cfg.model.caption_channels,
                     "text_tokens": cfg.model.max_text_tokens, "cpu_count": os.cpu_count(),

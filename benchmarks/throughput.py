@@ -15,13 +15,19 @@ reports.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
+import torch
+import torch.distributed as tdist
+
+from pixart_ds import config as C
+from pixart_ds.bench import report
+from pixart_ds.bench.throughput import measure, render_markdown
+from pixart_ds.dist import destroy
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def parse_args(argv=None):
@@ -47,12 +53,6 @@ def parse_args(argv=None):
 
 
 def run_one(a, recipe: str) -> int:
-    import torch
-
-    from pixart_ds import config as C
-    from pixart_ds.bench import report
-    from pixart_ds.bench.throughput import measure, render_markdown
-
     overrides = list(a.overrides)
     notes = []
     if a.torch_adam:
@@ -69,7 +69,6 @@ def run_one(a, recipe: str) -> int:
     if cfg.train.torch_adam:
         notes.append("Optimizer: DeepSpeed with torch.optim.AdamW (foreach) (train.torch_adam=true), not FusedAdam.")
     rec = measure(cfg, warmup=a.warmup, steps=a.steps, ema=not a.no_ema, progress=not a.no_progress)
-    import torch.distributed as tdist
 
     if tdist.is_initialized() and tdist.get_rank() != 0:
         return 0
@@ -95,7 +94,6 @@ def main(argv=None) -> int:
             print(f"throughput: error: {r}: recipe file not found", file=sys.stderr)
             return 2
     if a.in_process or len(a.recipes) == 1:
-        from pixart_ds.train.dist import destroy
 
         rc = 0
         try:

@@ -21,6 +21,7 @@ on CUDA the allocator's peak above the bytes held before the step; on CPU the pr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -28,10 +29,21 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import torch
+from diffusers import PixArtTransformer2DModel
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
+from pixart_ds import config as C
+from pixart_ds import hardware as H
+from pixart_ds.bench import report
+from pixart_ds.bench.report import gib, hardware_md, versions_md
+from pixart_ds.bench.throughput import _rate
+from pixart_ds.model.attention import resolve_backend
+from pixart_ds.model.convert import diffusers_config, ours_to_diffusers
+from pixart_ds.model.flops import image_flops
+from pixart_ds.model.pixart import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,12 +71,6 @@ def parse_args(argv=None):
 
 
 def build_pair(a, device):
-    from diffusers import PixArtTransformer2DModel
-
-    from pixart_ds import config as C
-    from pixart_ds.model.convert import diffusers_config, ours_to_diffusers
-    from pixart_ds.model.pixart import build_model
-
     over = {"model": {"preset": a.preset, "condition": "text", "adaln": "single", "caption_channels":
                       a.caption_channels, "max_text_tokens": a.text_tokens, "attention": "auto",
                       "grad_checkpointing": bool(a.grad_checkpointing)},
@@ -78,7 +84,7 @@ def build_pair(a, device):
     with torch.no_grad():  # seeded random weights: the official init zeroes the outputs
         for p in ours.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    ref = PixArtTransformer2DModel(**diffusers_config(cfg.model, a.resolution, C.pe_interpolation(cfg)))
+    ref = PixArtTransformer2DModel(**diffusers_config(cfg.model, a.resolution))
     missing, unexpected = ref.load_state_dict(ours_to_diffusers(ours.state_dict(), cfg.model), strict=True)
     if a.grad_checkpointing:
         ref.enable_gradient_checkpointing()
@@ -131,7 +137,6 @@ def timed(fn, device) -> tuple[float, float]:
 
 def peak_step_bytes(fn, device) -> int:
     """Peak bytes allocated during one step above what was held before it."""
-    import gc
 
     gc.collect()
     if device.type == "cuda":
@@ -141,7 +146,6 @@ def peak_step_bytes(fn, device) -> int:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -160,7 +164,6 @@ def peak_step_bytes(fn, device) -> int:
 
 def op_profile(fn, device) -> dict:
     """Self time (ms) and call count per aten operator of one step, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -179,9 +182,6 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from pixart_ds.bench import hardware as H
-    from pixart_ds.bench import report
-    from pixart_ds.bench.flops import image_flops
 
     device = H.default_device()
     cfg, ours, ref = build_pair(a, device)
@@ -220,7 +220,6 @@ def main(argv=None) -> int:
     f = image_flops(cfg.model, a.resolution, text_len=a.text_tokens)
     flops_step = a.batch * f.train_step(a.grad_checkpointing)
     hw = H.device_record(device)
-    from pixart_ds.model.attention import resolve_backend
 
     backend = resolve_backend("auto", inp["x"])
     rec = {
@@ -254,8 +253,6 @@ def main(argv=None) -> int:
 
 
 def render(rec: dict) -> str:
-    from pixart_ds.bench.report import gib, hardware_md, versions_md
-    from pixart_ds.bench.throughput import _rate
 
     s, hw = rec["setup"], rec["hardware"]
     verdict = "faster than" if rec["ratio_time"] < 1 else "slower than"

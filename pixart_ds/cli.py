@@ -1,126 +1,31 @@
-"""`pixart-ds <verb>`: parse arguments, build the config, call the library. No logic of its own.
+"""`pixart-ds <verb>`: parse arguments and dispatch to pixart_ds.commands.<verb>.main(args). No logic of its own.
 
-Library modules are imported lazily inside each verb so `pixart-ds --help` is fast and a verb's heavy
-dependencies (deepspeed, streaming, transformers) load only when that verb runs.
+A verb's module is imported only when that verb runs, so `pixart-ds --help` is fast and a verb's heavy dependencies
+(deepspeed, streaming, transformers) load only when needed.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
-
-def _train(a):
-    from pixart_ds import config
-    from pixart_ds.train.trainer import fit
-
-    cfg = config.load(a.recipe, a.overrides)
-    return fit(cfg, allow_config_change=a.allow_config_change)
-
-
-def _demo(a):
-    from pixart_ds.train.demo import run_demo
-
-    return run_demo(out_dir=a.out, small=a.small, world_size=a.ranks, vae=a.vae)
-
-
-def _sample(a):
-    from pixart_ds.diffusion.sampling import sample_cli
-
-    return sample_cli(
-        ckpt=a.ckpt, prompts=a.prompt, prompts_file=a.prompts_file, sampler=a.sampler, steps=a.steps,
-        guidance=a.guidance, seed=a.seed, resolution=a.resolution, aspect_ratio=a.aspect_ratio, out=a.out,
-        vae=a.vae, text_encoder=a.text_encoder, use_ema=not a.raw, device=a.device, uncond=a.uncond,
-    )
-
-
-def _export(a):
-    from pixart_ds.diffusion.pipeline import export_diffusers
-
-    return export_diffusers(ckpt=a.ckpt, out=a.out, vae=a.vae, text_encoder=a.text_encoder, use_ema=not a.raw)
-
-
-def _convert(a):
-    from pixart_ds.model.convert import convert_file
-
-    return convert_file(src=a.src, dst=a.dst, inp=a.input, out=a.output, reparam_t=a.reparam_t,
-                        resolution=a.resolution, model_json=a.model_json)
-
-
-def _model_info(a):
-    from pixart_ds.model.pixart import model_info
-
-    info = model_info(preset=a.preset, adaln=a.adaln, condition=a.condition, multi_scale=a.multi_scale)
-    if a.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"{info['preset']} adaln={info['adaln']} condition={info['condition']} "
-              f"multi_scale={info['multi_scale']}: {info['total']:,} trainable parameters")
-        for k, v in info["components"].items():
-            print(f"  {k:<24} {v:>14,}")
-        if info.get("note"):
-            print(info["note"])
-    return 0
-
-
-def _data(a):
-    from pixart_ds.data import convert as dconv
-
-    kw = dict(out=a.out, workers=a.workers, shard_size_limit=a.shard_size_limit)
-    if a.kind == "imagenet":
-        return dconv.imagenet(a.root, **kw)
-    if a.kind == "sam":
-        return dconv.sam(a.root, captions=a.captions, **kw)
-    if a.kind == "journeydb":
-        return dconv.journeydb(a.root, annotations=a.annotations, text=a.text, **kw)
-    if a.kind == "folder":
-        return dconv.folder(a.root, index=a.index, **kw)
-    if a.kind == "synthetic":
-        return dconv.synthetic(num_samples=a.num_samples, resolution=a.resolution, seed=a.seed, **kw)
-    raise SystemExit(f"unknown data kind {a.kind}")
-
-
-def _features(a):
-    from pixart_ds.data.features import extract_features
-
-    return extract_features(inp=a.inp, out=a.out, vae=a.vae, text_encoder=a.text_encoder, resolution=a.resolution,
-                            multi_scale=a.multi_scale, batch_size=a.batch_size, class_labels=a.class_labels)
-
-
-def _caption(a):
-    from pixart_ds.data.captions import caption_mds
-
-    return caption_mds(inp=a.inp, out=a.out, model=a.model, prompt=a.prompt, batch_size=a.batch_size,
-                       max_new_tokens=a.max_new_tokens)
-
-
-def _caption_stats(a):
-    from pixart_ds.data.captions import caption_stats_cli
-
-    return caption_stats_cli(files=[a.file] + ([a.compare] if a.compare else []), json_out=a.json)
-
-
-def _ckpt(a):
-    from pixart_ds.train.checkpoint import export_weights
-
-    if a.ckpt_verb == "export":
-        return export_weights(run_dir=a.run_dir, out=a.out, use_ema=not a.raw)
-    raise SystemExit(f"unknown ckpt verb {a.ckpt_verb}")
+from pixart_ds.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pixart-ds", description="Train PixArt-alpha with DeepSpeed, Streaming and Slurm.")
     # The `deepspeed` launcher passes --local_rank=N before the verb; the rank itself is read from the environment
-    # (pixart_ds.train.dist), so the flag is accepted and ignored.
+    # (pixart_ds.dist), so the flag is accepted and ignored.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    s = sub.add_parser("train", help="train from a recipe (deepspeed / torchrun / srun / single process)")
+    s = sub.add_parser("train", help="train from a recipe (deepspeed / torchrun / srun / single process)",
+                       description="Train from a recipe. Every recipe key: `pixart-ds keys` (docs/recipe.md).")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     s.add_argument("--allow-config-change", action="store_true",
                    help="resume even if the recipe changed since the checkpoint was written")
-    s.set_defaults(fn=_train)
+    s.set_defaults(command="train")
 
     s = sub.add_parser("demo", help="embedded dataset -> stage 1 -> stage 2 -> samples + alignment score")
     s.add_argument("--out", default="runs/demo")
@@ -129,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None,
                    help="an AutoencoderKL folder (default: the one fitted to the embedded dataset, shipped in "
                         "pixart_ds/data/assets/synthetic_vae)")
-    s.set_defaults(fn=_demo)
+    s.set_defaults(command="demo")
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
     s.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or weights file")
@@ -149,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--uncond", default="auto", choices=["auto", "null", "empty"],
                    help='unconditional input for guidance: the null caption (null), T5 of "" (empty, as diffusers), '
                         'or auto = null when the checkpoint has one')
-    s.set_defaults(fn=_sample)
+    s.set_defaults(command="sample")
 
     s = sub.add_parser("export", help="write a diffusers PixArtAlphaPipeline folder")
     s.add_argument("--ckpt", required=True)
@@ -158,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", default=None, help="default: the VAE the checkpoint names (run config, pipeline folder)")
     s.add_argument("--text-encoder", default=None, help="default: the T5 the checkpoint names")
     s.add_argument("--raw", action="store_true")
-    s.set_defaults(fn=_export)
+    s.set_defaults(command="export")
 
     s = sub.add_parser("convert", help="convert checkpoints: official / diffusers / dit / ours")
     s.add_argument("--from", dest="src", required=True, choices=["official", "diffusers", "dit", "ours"])
@@ -167,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output")
     s.add_argument("--reparam-t", type=int, default=500, help="DiT -> PixArt re-parameterization timestep")
     s.add_argument("--resolution", type=int, default=None, help="image resolution (sets the positional embedding)")
-    s.add_argument("--model-json", default=None, help="model config JSON for formats that do not carry one")
-    s.set_defaults(fn=_convert)
+    s.add_argument("--model-json", default=None,
+                   help="model config keys the input does not carry (a JSON file or an inline object, e.g. "
+                        "'{\"num_heads\": 6}'); for --from dit, the DiT's architecture keys and the new model's")
+    s.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                   help="which weight set of an official/DiT .pth that holds several (auto = the EMA where present)")
+    s.set_defaults(command="convert")
 
     s = sub.add_parser("model-info", help="parameter counts with a per-component breakdown")
     s.add_argument("--preset", default="PixArt-XL/2")
@@ -176,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--condition", default="text", choices=["text", "class"])
     s.add_argument("--multi-scale", action="store_true")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=_model_info)
+    s.set_defaults(command="model_info")
 
     s = sub.add_parser("data", help="convert a raw dataset to MDS shards")
     dsub = s.add_subparsers(dest="kind", required=True)
@@ -201,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--num-samples", type=int, default=1024)
             d.add_argument("--resolution", type=int, default=256)
             d.add_argument("--seed", type=int, default=0)
-        d.set_defaults(fn=_data)
+        d.set_defaults(command="data")
 
     s = sub.add_parser("features", help="raw MDS -> feature MDS (VAE posterior + T5 tokens)")
     s.add_argument("--in", dest="inp", required=True)
@@ -212,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--multi-scale", action="store_true")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--class-labels", action="store_true", help="stage 1: latents + class label, no text")
-    s.set_defaults(fn=_features)
+    s.set_defaults(command="features")
 
     s = sub.add_parser("caption", help="re-caption a raw MDS with LLaVA")
     s.add_argument("--in", dest="inp", required=True)
@@ -221,13 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="Describe this image and its style in a very detailed manner")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-new-tokens", type=int, default=256)
-    s.set_defaults(fn=_caption)
+    s.set_defaults(command="caption")
 
     s = sub.add_parser("caption-stats", help="the paper's Table-1 concept-density statistics")
     s.add_argument("file")
     s.add_argument("--compare", default=None)
     s.add_argument("--json", default=None, help="also write the statistics as JSON here")
-    s.set_defaults(fn=_caption_stats)
+    s.set_defaults(command="caption_stats")
+
+    s = sub.add_parser("keys", help="every recipe key with its default and description")
+    s.add_argument("--markdown", action="store_true", help="as the markdown table of docs/recipe.md")
+    s.add_argument("--grep", default=None, help="only keys containing this text, e.g. train. or lr")
+    s.set_defaults(command="keys")
+
+    s = sub.add_parser("fit-vae", help="fit the demo's small VAE to the embedded dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=4000)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--num-images", type=int, default=20000)
+    s.add_argument("--workers", type=int, default=None, help="processes rendering the images (default: all cores)")
+    s.set_defaults(command="fit_vae")
 
     s = sub.add_parser("ckpt", help="checkpoint tools")
     csub = s.add_subparsers(dest="ckpt_verb", required=True)
@@ -235,16 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir")
     c.add_argument("out")
     c.add_argument("--raw", action="store_true")
-    c.set_defaults(fn=_ckpt)
+    c.set_defaults(command="ckpt")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pixart_ds.config import ConfigError
-
     try:
-        rc = args.fn(args)
+        # heavy: the verb's module pulls in torch, deepspeed, streaming or transformers (see the module docstring)
+        rc = importlib.import_module(f"pixart_ds.commands.{args.command}").main(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         # One line naming the bad file/key/value; tracebacks only for bugs.
         print(f"pixart-ds {args.verb}: error: {e}", file=sys.stderr)

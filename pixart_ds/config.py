@@ -11,8 +11,10 @@ positional-embedding interpolation) are computed and asserted here and nowhere e
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import types
@@ -22,11 +24,30 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from pixart_ds.model.presets import PRESETS
+from pixart_ds.fsutil import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A recipe problem; the message always names the source and the key path."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants (each lives here once)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Named model sizes. PixArt-XL/2 is the paper's model (§2.4 / Appendix A.5): 28 blocks, hidden 1152, 16 heads,
+# patch 2. The L/B/S sizes follow DiT's table (Peebles & Xie 2023, Table 1). `tiny` is for tests.
+PRESETS: dict[str, dict] = {
+    "PixArt-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "PixArt-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "PixArt-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "PixArt-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "tiny": dict(depth=2, hidden_size=48, num_heads=3, patch_size=2),
+}
+VAE_DOWNSAMPLE = 8  # SD's VAE: an image of R pixels has R / 8 latent rows
+VAE_SCALE = 0.18215  # SD's sd-vae-ft-ema latent scale (latents x 0.18215 have about unit variance)
+MAX_TEXT_TOKENS = 120  # paper §2.4: T5 captions of 120 tokens, not 77
+PE_BASE_RESOLUTION = 512  # positional-embedding scale 1 at 512 px (diffusers' interpolation_scale 0.5 / 1 / 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,143 +57,281 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A preset fills depth/hidden_size/num_heads/patch_size unless the recipe sets them explicitly.
+    """The network (paper §2.3, Appendix A.5)."""
+
     preset: str = "PixArt-XL/2"
+    """Named size (PRESETS); fills depth, hidden_size, num_heads and patch_size unless the recipe sets them."""
     depth: int = 28
+    """Transformer blocks."""
     hidden_size: int = 1152
+    """Width of the token stream."""
     num_heads: int = 16
+    """Attention heads (head width = hidden_size / num_heads)."""
     patch_size: int = 2
+    """Latent pixels per patch side (tokens = (resolution / 8 / patch_size)^2)."""
     mlp_ratio: float = 4.0
-    in_channels: int = 4  # VAE latent channels
-    # Learned-range variance (improved DDPM): the network outputs 2*in_channels (epsilon + variance interpolation).
+    """MLP width / hidden_size."""
+    in_channels: int = 4
+    """VAE latent channels."""
     pred_sigma: bool = True
-    # adaLN-single (paper §2.3) or DiT-style per-block adaLN MLPs (the paper's ablation).
+    """Learned-range variance (improved DDPM): the network outputs 2 x in_channels (epsilon + interpolation)."""
     adaln: Literal["single", "block"] = "single"
-    # Text via cross-attention over T5 tokens, or DiT-style class conditioning (stage 1).
+    """adaLN-single (paper §2.3) or DiT's per-block adaLN MLPs (the paper's ablation)."""
     condition: Literal["text", "class"] = "text"
-    caption_channels: int = 4096  # T5 v1.1 XXL width
-    max_text_tokens: int = 120  # paper: 120 tokens, not 77
+    """Text via cross-attention over T5 tokens, or DiT-style class labels (stage 1)."""
+    caption_channels: int = 4096
+    """Width of the text encoder's features (T5 v1.1 XXL: 4096)."""
+    max_text_tokens: int = MAX_TEXT_TOKENS
+    """Caption length in T5 tokens (paper: 120, not 77); the null caption's length."""
     num_classes: int = 1000
-    # Init std of the class-embedding table (condition=class, null-class row included): DiT's 0.02. The demo's
-    # stage 1, a few hundred steps long, uses 1.0, which its stage 2 learned object colours from a little faster
-    # (benchmarks/results/demo_cpu-2core_202611.md).
+    """Class labels of a class-conditional model (a null class is added for guidance)."""
     label_init_std: float = 0.02
-    # PixArtMS: resolution + aspect-ratio embeddings, positional embedding recomputed per (h, w).
+    """Init std of the class-embedding table (DiT's 0.02; the demo's short stage 1 uses 1.0, see its report)."""
     multi_scale: bool = False
-    # Positional-embedding grid scale; null = derived from data.resolution (0.5 / 1 / 2 at 256 / 512 / 1024).
+    """PixArtMS: size and aspect-ratio embeddings, positional embedding recomputed per (h, w)."""
     pe_interpolation: Optional[float] = None
+    """Positional-embedding grid scale; null = data.resolution / 512 (0.5 / 1 / 2 at 256 / 512 / 1024 px)."""
     attention: Literal["auto", "flash", "sdpa", "math"] = "auto"
+    """Attention kernels: flash (flash-attn), sdpa (torch), math (fp32 reference), auto = the fastest present."""
     grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass (less memory, about 1/3 more compute)."""
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
+    """The noise schedule (DDPM / improved DDPM, as the official code)."""
+
     num_timesteps: int = 1000
+    """Diffusion steps T."""
     beta_schedule: Literal["linear"] = "linear"
+    """Shape of the beta schedule."""
     beta_start: float = 1e-4
+    """beta_1."""
     beta_end: float = 0.02
+    """beta_T."""
 
 
 @dataclass(frozen=True)
 class EncodersConfig:
-    # Local folders (transformers T5EncoderModel + tokenizer; diffusers AutoencoderKL). Nothing is downloaded.
+    """Frozen encoders, local folders loaded with from_pretrained (nothing is downloaded)."""
+
     text_encoder: Optional[str] = None
+    """T5 folder (transformers T5EncoderModel + tokenizer); needed for sample grids and evaluation."""
     vae: Optional[str] = None
-    vae_scale: float = 0.18215
+    """VAE folder (diffusers AutoencoderKL); needed for sample grids and evaluation."""
+    vae_scale: float = VAE_SCALE
+    """Latent scale: latents x vae_scale are what the model sees (SD's VAE: 0.18215)."""
     text_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """T5's dtype on GPU (fp32 on CPU)."""
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    local: str = ""  # a feature-MDS directory (or, for multi-scale, a directory of per-bucket streams)
+    """One feature-shard dataset mixed into training."""
+
+    local: str = ""
+    """Feature-MDS directory (multi-scale: a directory of per-bucket streams); the cache of `remote`."""
     remote: Optional[str] = None
-    proportion: Optional[float] = None  # relative mixing weight; null = natural size
+    """Where the shards live when not local (any Streaming remote: s3://, gs://, another directory)."""
+    proportion: Optional[float] = None
+    """Relative mixing weight; null = in proportion to the source's size."""
     name: Optional[str] = None
+    """A label for logs."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """What training reads: feature shards through Streaming."""
+
     sources: tuple[SourceConfig, ...] = ()
-    resolution: int = 256  # pixels; latents are resolution // 8
-    multi_scale: bool = False  # one aspect-ratio bucket per global batch
-    caption_dropout: float = 0.1  # swap in the null caption / null class for CFG (paper: 0.1)
+    """The feature-shard datasets (SourceConfig each)."""
+    resolution: int = 256
+    """Image resolution in pixels; latents are resolution / 8."""
+    multi_scale: bool = False
+    """Aspect-ratio buckets, one bucket per global batch (stage 3 at 512 / 1024; must equal model.multi_scale)."""
+    caption_dropout: float = 0.1
+    """Probability of the null caption / null class, for classifier-free guidance (paper: 0.1)."""
     num_workers: int = 2
-    num_canonical_nodes: Optional[int] = None  # fixed so resume at another world size keeps the order
+    """DataLoader worker processes per rank."""
+    num_canonical_nodes: Optional[int] = None
+    """Streaming's canonical node count, fixed so a resume at another world size keeps the sample order."""
     shuffle: bool = True
+    """Shuffle the samples (seeded by train.seed)."""
     shuffle_algo: str = "py1e"
+    """Streaming's shuffle algorithm."""
     shuffle_block_size: Optional[int] = None
+    """Streaming's shuffle block size (null: its default)."""
     predownload: Optional[int] = None
-    # What to do with a sample that fails to decode: stop with its shard's name, or skip it and count it.
+    """Samples to download ahead per worker from a remote (null: Streaming's default)."""
     on_corrupt: Literal["stop", "skip"] = "stop"
+    """A sample that fails to decode: stop naming its shard, or replace it by another of its stream and count it."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    total_steps: int = 1000  # optimizer steps
-    global_batch_size: int = 256  # images per optimizer step, independent of the number of GPUs
-    micro_batch_size: int = 32  # images per GPU per forward/backward
+    """Optimisation, precision, stage initialisation and the run's safety limits (official stage configs)."""
+
+    total_steps: int = 1000
+    """Optimizer steps of the run."""
+    global_batch_size: int = 256
+    """Images per optimizer step, independent of the number of GPUs (paper Table 4)."""
+    micro_batch_size: int = 32
+    """Images per GPU per forward/backward (upper bound; lowered until it divides the per-GPU batch)."""
     lr: float = 2e-5
-    lr_scaling: Literal["none", "sqrt"] = "none"  # official code: lr * sqrt(global_batch / 256)
+    """Learning rate after warm-up (constant)."""
+    lr_scaling: Literal["none", "sqrt"] = "none"
+    """sqrt = lr x sqrt(global_batch_size / 256), as the official code does."""
     warmup_steps: int = 1000
+    """Linear warm-up steps."""
     weight_decay: float = 0.03
+    """AdamW weight decay on weight matrices (none on biases, norms, embeddings, tables)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     adam_eps: float = 1e-10
+    """AdamW epsilon (official: 1e-10)."""
     grad_clip: float = 0.01
+    """Global gradient-norm clip (official: 0.01)."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """DeepSpeed precision; fp16 uses dynamic loss scaling."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
     ema_decay: float = 0.9999
+    """EMA of the weights, kept outside the optimizer; sampling uses it."""
     seed: int = 0
-    init_from: Optional[str] = None  # weights (+EMA) of an earlier stage; fresh optimizer and data
-    init_reparam_t: int = 500  # DiT -> PixArt re-parameterization timestep (paper §2.3)
-    resume: str = "auto"  # auto | none | a checkpoint path
-    max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
-    # Seconds a collective, or the wait for the next batch, may block on another rank before this rank stops and
-    # names the lost rank (exit 4).
+    """Seeds the init, the data order and the noise."""
+    init_from: Optional[str] = None
+    """Weights (+ EMA) of an earlier stage (run directory, checkpoint or weights folder); fresh optimizer and data."""
+    init_reparam_t: int = 500
+    """Timestep of the DiT -> PixArt re-parameterization when init_from is class-conditional (paper §2.3)."""
+    resume: str = "auto"
+    """auto = continue from the run's latest checkpoint; none; or a checkpoint path."""
+    max_nonfinite_steps: int = 10
+    """Consecutive non-finite (skipped) steps before the run stops with exit code 3."""
     collective_timeout_s: int = 600
-    time_limit_s: Optional[float] = None  # stop (checkpoint + requeue exit code) after this much wall time
-    torch_adam: bool = False  # DeepSpeed's torch AdamW instead of FusedAdam (no JIT compile; used on CPU)
+    """Seconds a collective, or the wait for the next batch, may block on another rank before the lost rank is
+    named (exit code 4)."""
+    time_limit_s: Optional[float] = None
+    """Stop with a checkpoint (exit code 75, requeue) after this much wall time."""
+    torch_adam: bool = False
+    """DeepSpeed's torch AdamW instead of its FusedAdam (no JIT compile; for CPU)."""
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """When checkpoints are written (RUN_DIR/checkpoints)."""
+
     every_steps: int = 1000
+    """Steps between checkpoints (one is also written at the end and when the run is asked to stop)."""
     keep_last: int = 3
+    """Newest complete checkpoints kept."""
 
 
 @dataclass(frozen=True)
 class LogConfig:
+    """What the run reports (RUN_DIR/metrics.jsonl, TensorBoard, W&B, sample grids)."""
+
     every_steps: int = 10
+    """Steps between metric records (skipped steps are always recorded)."""
     tensorboard: bool = True
+    """Write RUN_DIR/tensorboard."""
     wandb: bool = False
+    """Log to Weights & Biases (pip install pixart_ds[wandb])."""
     progress_bar: bool = True
-    sample_every_steps: int = 0  # 0 = never
+    """A tqdm bar on rank 0."""
+    sample_every_steps: int = 0
+    """Steps between EMA sample grids in RUN_DIR/samples (0 = never)."""
     sample_prompts: tuple[str, ...] = ()
-    # Record every step's global-batch sample indices in metrics.jsonl (exact-resume and lost/duplicate-sample
-    # checks; one all_gather per step).
+    """Prompts of the sample grid (class ids for a class-conditional model)."""
     sample_ids: bool = False
+    """Record every step's global-batch sample indices (exact-resume checks; one all_gather per step)."""
 
 
 @dataclass(frozen=True)
 class SampleConfig:
+    """How sample grids are drawn (paper: DPM-Solver++ 20 steps, guidance 4.5)."""
+
     sampler: Literal["dpm-solver", "ddim", "ddpm"] = "dpm-solver"
+    """Sampler."""
     steps: int = 20
+    """Sampling steps."""
     guidance: float = 4.5
+    """Classifier-free guidance scale."""
     seed: int = 0
+    """Seed of the first image (image i: seed + i)."""
 
 
 @dataclass(frozen=True)
 class Config:
+    """A recipe: one complete run."""
+
     name: str = "run"
+    """Run name (logs, W&B)."""
     stage: str = "custom"
+    """Which paper stage this recipe is (a label)."""
     run_dir: str = "runs/run"
+    """Where config.yaml, metrics.jsonl, checkpoints/ and samples/ go."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """The noise schedule."""
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    """Frozen T5 and VAE."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Feature shards and how they are read."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and the run's limits."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint frequency and retention."""
     log: LogConfig = field(default_factory=LogConfig)
+    """Metrics, TensorBoard, sample grids."""
     sample: SampleConfig = field(default_factory=SampleConfig)
+    """Sampler of the sample grids."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: its one-line description} of a config dataclass: the string literal under each field (the
+    attribute-docstring convention litgpt uses), read from this module's source."""
+    docs: dict[str, str] = {}
+    last = None
+    for node in ast.parse(inspect.getsource(cls)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant) and last:
+            docs[last] = " ".join(str(node.value.value).split())
+            last = None
+        else:
+            last = None
+    return docs
+
+
+def describe_keys(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every recipe key, in schema order (`pixart-ds train --help`,
+    docs/recipe.md)."""
+    cls = cls or Config
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe_keys(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((key, yaml.safe_dump(to_dict(default), default_flow_style=True).strip().removesuffix("\n..."),
+                    docs.get(f.name, "")))
+        if typing.get_origin(tp) is tuple and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out.extend(describe_keys(typing.get_args(tp)[0], key + "[i]."))
+    return out
+
+
+def keys_markdown() -> str:
+    """Every recipe key as a markdown table (docs/recipe.md is this, written by `pixart-ds keys --markdown`)."""
+    rows = ["| key | default | description |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{d}` | {t} |" for k, d, t in describe_keys()]
+    return ("# Recipe keys\n\nEvery key of a recipe (pixart_ds/config.py), its default and what it does. Override any "
+            "of them on the command line as `key=value` (YAML), e.g. `pixart-ds train recipes/stage2_sam256.yaml "
+            "train.lr=1e-4`.\n\n" + "\n".join(rows) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,13 +530,8 @@ def dumps(cfg: Config) -> str:
 
 
 def dump(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (temp file + rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(dumps(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config atomically (pixart_ds.fsutil)."""
+    atomic_write_text(os.fspath(path), dumps(cfg))
 
 
 def diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -402,18 +556,37 @@ def diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
 # Derived values, asserted in one place
 # ----------------------------------------------------------------------------------------------------------------
 
-VAE_DOWNSAMPLE = 8
-
-
 def latent_size(cfg: Config) -> int:
     return cfg.data.resolution // VAE_DOWNSAMPLE
 
 
+def model_pe_interpolation(model: ModelConfig, resolution: int) -> float:
+    """Positional-embedding scale of a model trained at `resolution` px: 0.5 / 1 / 2 at 256 / 512 / 1024 unless
+    model.pe_interpolation sets it."""
+    if model.pe_interpolation is not None:
+        return model.pe_interpolation
+    return resolution / PE_BASE_RESOLUTION
+
+
 def pe_interpolation(cfg: Config) -> float:
-    """Positional-embedding scale: 0.5 / 1 / 2 at 256 / 512 / 1024 px unless the recipe sets it."""
-    if cfg.model.pe_interpolation is not None:
-        return cfg.model.pe_interpolation
-    return cfg.data.resolution / 512
+    return model_pe_interpolation(cfg.model, cfg.data.resolution)
+
+
+def model_from_dict(data: dict, source: str = "<dict>") -> ModelConfig:
+    """A ModelConfig from plain data (a checkpoint's model.json, a converter's inferred keys), strictly: unknown keys
+    and wrong types fail naming `source`; the preset fills the sizes not given."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: model: expected a mapping, got {type(data).__name__}")
+    return _build(ModelConfig, dict(data), "model", source)
+
+
+def model_to_dict(model: ModelConfig, resolution: Optional[int] = None) -> dict:
+    """A ModelConfig as plain data with the positional-embedding scale made explicit when the resolution is known
+    (so a weights folder does not depend on the derivation)."""
+    d = to_dict(model)
+    if resolution is not None:
+        d["pe_interpolation"] = model_pe_interpolation(model, resolution)
+    return d
 
 
 def effective_lr(cfg: Config) -> float:

@@ -37,7 +37,7 @@ pixart_env() {
 }
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rank / world / master from Slurm's variables (one srun task per GPU). Mirrors pixart_ds/train/dist.py, which
+# Rank / world / master from Slurm's variables (one srun task per GPU). Mirrors pixart_ds/dist.py, which
 # derives the same values in Python when RANK is absent; exporting the standard names here makes every tool in the
 # task (DeepSpeed, torch.distributed env://, Streaming) agree without reading SLURM_*.
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ pixart_rank_env() {
     export RANK=$SLURM_PROCID
     export WORLD_SIZE=$SLURM_NTASKS
     export LOCAL_RANK=$SLURM_LOCALID
-    # Streaming learns the node topology only from LOCAL_WORLD_SIZE (stack-notes.md). The step's own per-node
+    # Streaming learns the node topology only from LOCAL_WORLD_SIZE (docs/stack.md). The step's own per-node
     # counts are exact even for uneven layouts; the requested --ntasks-per-node is the fallback.
     local per_node=${SLURM_STEP_TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-}}}
     if [[ -z $per_node ]]; then

@@ -30,7 +30,7 @@ def tiny_t5_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory):
-    from pixart_ds.model.encoders import make_tiny_vae
+    from pixart_ds.testing import make_tiny_vae
 
     return make_tiny_vae(str(tmp_path_factory.mktemp("tiny_vae")))
 

@@ -6,8 +6,7 @@ import torch
 
 from pixart_ds.model.attention import attention, check_backend, make_text_context, resolve_backend
 from pixart_ds.model.pixart import build_model
-
-from model_helpers import inputs, randomize, tiny_cfg  # noqa: E402
+from pixart_ds.testing import inputs, randomize, tiny_cfg
 
 
 def qkv(B=3, Lq=10, Lk=7, H=2, D=8, seed=0):

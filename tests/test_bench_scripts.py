@@ -121,7 +121,7 @@ def test_ablation_params_and_throughput(tmp_path):
 
 def test_ablation_training(tmp_path):
     """Part 3: a two-step training of both variants through the trainer, loss curves, sampling and the judge."""
-    from pixart_ds.model.encoders import make_tiny_vae
+    from pixart_ds.testing import make_tiny_vae
 
     vae = make_tiny_vae(str(tmp_path / "vae"))
     out = tmp_path / "out"

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from pixart_ds.data import captions as C
+from pixart_ds.data import caption_stats as C
+from pixart_ds.data.recaption import PAPER_PROMPT
 
 # Hand count (nouns by lemma, so "dogs" counts as "dog"):
 #   "A dog sleeps on a chair."          x11 -> dog 11, chair 11
@@ -27,7 +28,7 @@ SPARSE_EXPECTED = {"images": 15, "total_nouns": 18, "distinct_nouns": 3, "valid_
 def _jsonl(path, caps):
     with open(path, "w") as f:
         for i, c in enumerate(caps):
-            f.write(json.dumps({"id": f"sa_{i}", "caption": c, "model": "llava", "prompt": C.PAPER_PROMPT}) + "\n")
+            f.write(json.dumps({"id": f"sa_{i}", "caption": c, "model": "llava", "prompt": PAPER_PROMPT}) + "\n")
     return path
 
 

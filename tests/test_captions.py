@@ -9,8 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from pixart_ds.data import captions as C
-from pixart_ds.data.schema import RAW_COLUMNS
+from pixart_ds.data import recaption as C
+from pixart_ds.data.schema import RAW_COLUMNS, iter_samples, num_samples
+from pixart_ds.dist import launch_ranks
+from pixart_ds.testing import make_tiny_llava
+from pixart_ds.train.faults import CAPTION_KILL_AFTER_BATCHES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_ID = "img_0005"  # its bytes are not an image
@@ -43,7 +46,7 @@ def write_raw_mds(root: str, n: int, bad_ids=(), compression=None, size_limit=1 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    return C.make_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")))
+    return make_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")))
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +72,9 @@ def _lines(path):
 def test_raw_mds_helper_reads_back_in_order(raw_mds):
     root, ids = raw_mds
     assert len(glob.glob(os.path.join(root, "shard.*.mds.zstd"))) >= 2  # the slices cross shard boundaries
-    assert C.mds_num_samples(root) == 10
-    assert [s["id"] for s in C.iter_mds(root)] == ids
-    assert [s["id"] for s in C.iter_mds(root, 3, 7)] == ids[3:7]
+    assert num_samples(root) == 10
+    assert [s["id"] for s in iter_samples(root, columns=("id", "image"))] == ids
+    assert [s["id"] for s in iter_samples(root, 3, 7, columns=("id", "image"))] == ids[3:7]
 
 
 def test_two_ranks_killed_then_resumed(tiny_llava, raw_mds, tmp_path, capfd):
@@ -82,7 +85,7 @@ def test_two_ranks_killed_then_resumed(tiny_llava, raw_mds, tmp_path, capfd):
             "--max-new-tokens", "6"]
 
     # Run 1: every rank SIGKILLs itself after writing its first batch (torchrun then stops the other rank).
-    p = _torchrun(*args, env={C._KILL_AFTER_ENV: "1"})
+    p = _torchrun(*args, env={CAPTION_KILL_AFTER_BATCHES: "1"})
     assert p.returncode != 0, p.stderr[-2000:]
     assert not (out / "captions.jsonl").exists()
     first = [r for f in sorted(glob.glob(str(out / "part-*.jsonl"))) for r in _lines(f)]
@@ -161,22 +164,23 @@ def test_missing_input_index_is_one_line_error(tiny_llava, tmp_path, run_cli):
 def test_torn_tail_dropped_and_cut_corruption_named(tmp_path):
     p = tmp_path / "part-00000.jsonl"
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "cap')
-    assert [r["id"] for r in C._read_jsonl(str(p))] == ["a", "b"]
+    assert [r["id"] for r in C.read_jsonl(str(p))] == ["a", "b"]
     assert p.read_text().endswith("cap")  # reading alone never changes the file
-    assert [r["id"] for r in C._read_jsonl(str(p), repair=True)] == ["a", "b"]
+    assert [r["id"] for r in C.read_jsonl(str(p), repair=True)] == ["a", "b"]
     assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
 
     p.write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n')
     with pytest.raises(ValueError, match=r"part-00000.jsonl:2: not a JSON record"):
-        C._read_jsonl(str(p))
+        C.read_jsonl(str(p))
 
 
-def test_rank_world_from_launchers():
-    assert C.rank_world({}) == (0, 1, 0)
-    assert C.rank_world({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
-    assert C.rank_world({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (5, 8, 1)
+def test_caption_ranks_from_launchers():
+    """Captioning needs no process group: dist.launch_ranks reads torchrun's or srun's variables."""
+    assert launch_ranks({}) == (0, 1, 0)
+    assert launch_ranks({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    assert launch_ranks({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (5, 8, 1)
     with pytest.raises(ValueError, match="outside world size"):
-        C.rank_world({"RANK": "2", "WORLD_SIZE": "2"})
+        launch_ranks({"RANK": "2", "WORLD_SIZE": "2"})
 
 
 def test_ids_order_naturally():
@@ -198,7 +202,7 @@ def test_sam_round_trip_through_data_sam(tiny_llava, tmp_path):
     assert [r["id"] for r in caps] == ["sa_1", "sa_2", "sa_10"]
     assert all(r["caption"] for r in caps)  # data sam treats an empty caption as a missing one
     convert.sam(str(root), captions=os.path.join(capdir, "captions.jsonl"), out=joined, workers=1, progress=False)
-    got = {s["id"]: s["caption"] for s in C.iter_mds(joined, columns=("id", "caption"))}
+    got = {s["id"]: s["caption"] for s in iter_samples(joined, columns=("id", "caption"))}
     assert got == {r["id"]: r["caption"] for r in caps}
 
 

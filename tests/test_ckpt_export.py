@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from train_helpers import TINY_TEXT, describe, run_train, write_text_shards
+from pixart_ds.testing import TINY_TEXT, describe, run_train, write_text_shards
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def run(tmp_path_factory):
 def test_export_ema_and_raw(run, tmp_path, run_cli):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pixart_ds.model.convert import load_model, load_ours
+    from pixart_ds.model.weights import load_model, load_ours
     from pixart_ds.train import zero
 
     ema_dir, raw_dir = tmp_path / "ema", tmp_path / "raw"
@@ -35,7 +35,7 @@ def test_export_ema_and_raw(run, tmp_path, run_cli):
     cfg_e, res_e, ema = load_ours(str(ema_dir))
     cfg_r, res_r, raw = load_ours(str(raw_dir))
     assert res_e == res_r == 64 and cfg_e == cfg_r
-    assert cfg_e["condition"] == "text" and cfg_e["caption_channels"] == 32 and cfg_e["pe_interpolation"] == 0.125
+    assert cfg_e.condition == "text" and cfg_e.caption_channels == 32 and cfg_e.pe_interpolation == 0.125
     model, res = load_model(str(ema_dir))  # strict: every key and shape of the model
     assert res == 64 and sum(p.numel() for p in model.parameters()) > 0
 

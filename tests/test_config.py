@@ -1,11 +1,14 @@
 """The recipe schema: strict loading, dotted overrides, derived values, errors that name file and key."""
 import dataclasses
+import os
 
 import pytest
 import yaml
 
 from pixart_ds import config
 from pixart_ds.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write(tmp_path, data, name="x.yaml"):
@@ -129,3 +132,22 @@ def test_missing_and_malformed_files(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="list.yaml: the recipe must be a mapping"):
         config.load(lst)
+
+
+def test_every_recipe_key_has_a_description():
+    keys = config.describe_keys()
+    assert len(keys) > 70
+    assert not [k for k, _, doc in keys if not doc], "config fields without a one-line docstring"
+    assert ("train.lr", "2.0e-05", "Learning rate after warm-up (constant).") in keys
+    assert any(k == "data.sources[i].remote" for k, _, _ in keys)
+
+
+def test_keys_verb_and_recipe_doc_are_current(run_cli):
+    p = run_cli("keys", "--markdown", check=True)
+    with open(os.path.join(REPO, "docs", "recipe.md")) as f:
+        assert f.read() == p.stdout, "docs/recipe.md is stale: pixart-ds keys --markdown > docs/recipe.md"
+    p = run_cli("keys", "--grep", "ema_decay", check=True)
+    assert p.stdout.split()[:2] == ["train.ema_decay", "0.9999"]
+    p = run_cli("keys", "--grep", "no_such_key")
+    assert p.returncode == 2 and p.stderr.strip() == "pixart-ds keys: error: --grep 'no_such_key': no recipe key " \
+                                                       "contains it"

@@ -6,18 +6,18 @@ import os
 import pytest
 import torch
 
-from pixart_ds.model.convert import (DIFFUSERS_NULL_CAPTION, check_state_dict, convert_file, diffusers_config,
-                                     load_model, load_ours, ours_to_diffusers, read_diffusers, read_official,
-                                     save_ours, write_diffusers, write_official)
+from pixart_ds.commands.convert import run as convert_file
+from pixart_ds.model.convert import (DIFFUSERS_NULL_CAPTION, diffusers_config, ours_to_diffusers, read_diffusers,
+                                     read_official, write_diffusers, write_official)
 from pixart_ds.model.pixart import build_model
-
-from model_helpers import randomize, tiny_cfg  # noqa: E402
+from pixart_ds.model.weights import check_state_dict, load_model, load_ours, save_ours
+from pixart_ds.testing import randomize, tiny_cfg
 
 
 def _diffusers_model(model):
     from diffusers import PixArtTransformer2DModel
 
-    dm = PixArtTransformer2DModel(**diffusers_config(model.cfg, 64, model.pe_interpolation))
+    dm = PixArtTransformer2DModel(**diffusers_config(model.cfg, 64))
     dm.load_state_dict(ours_to_diffusers(model.state_dict(), model.cfg), strict=True)
     return dm.eval()
 
@@ -66,7 +66,7 @@ def test_official_ours_diffusers_ours_is_exact(tmp_path, multi_scale):
     cfg1, res1, sd1 = load_ours(str(tmp_path / "ours1"))
     cfg2, res2, sd2 = load_ours(str(tmp_path / "ours2"))
     assert res1 == res2 == 64 and cfg1 == cfg2
-    assert cfg1["multi_scale"] == multi_scale and cfg1["num_heads"] == 3
+    assert cfg1.multi_scale == multi_scale and cfg1.num_heads == 3
     assert sd1.keys() == sd2.keys() == sd.keys()
     for k in sd:
         assert torch.equal(sd[k], sd1[k]) and torch.equal(sd[k], sd2[k]), k
@@ -78,7 +78,7 @@ def test_diffusers_folder_loads_with_from_pretrained(tmp_path):
     from diffusers import PixArtTransformer2DModel
 
     model = randomize(build_model(tiny_cfg(attention="sdpa")), std=0.2).eval()
-    write_diffusers(str(tmp_path / "d"), model.state_dict(), model.cfg, 64, model.pe_interpolation)
+    write_diffusers(str(tmp_path / "d"), model.state_dict(), model.cfg, 64)
     assert os.path.isfile(tmp_path / "d" / DIFFUSERS_NULL_CAPTION)
     dm = PixArtTransformer2DModel.from_pretrained(str(tmp_path / "d")).eval()
     x, t, y, mask, _, _ = _batch(8, 8)

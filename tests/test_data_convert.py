@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pixart_ds.data import convert
-from pixart_ds.data.convert import _engine, iter_samples, read_summary
+from pixart_ds.data.convert import _engine, read_summary
+from pixart_ds.data.schema import iter_samples
 
 
 def jpeg(path, w, h, seed=0, quality=90) -> bytes:

@@ -8,8 +8,8 @@ import yaml
 from PIL import Image
 
 from pixart_ds import config
+from pixart_ds.commands import demo
 from pixart_ds.data import synthetic
-from pixart_ds.train import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

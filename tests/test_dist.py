@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from pixart_ds.train.dist import (DistEnvError, dist_env, expand_hostlist, export_env, parse_tasks_per_node,
-                                  port_from_job_id)
+from pixart_ds.dist import DistEnvError, dist_env, expand_hostlist, export_env, parse_tasks_per_node, port_from_job_id
 
 
 def test_expand_hostlist():
@@ -126,7 +125,7 @@ def test_init_distributed_gloo_two_ranks(tmp_path):
     # A real 2-process gloo group from srun-style variables: all_reduce sees both ranks.
     code = (
         "import os, torch, torch.distributed as d\n"
-        "from pixart_ds.train.dist import dist_env, init_distributed\n"
+        "from pixart_ds.dist import dist_env, init_distributed\n"
         "env = dist_env()\n"
         "init_distributed(env, timeout_s=60)\n"
         "assert os.environ['RANK'] == str(env.rank) and os.environ['LOCAL_WORLD_SIZE'] == '2'\n"

@@ -13,8 +13,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from pixart_ds.data import buckets, convert, features
-from pixart_ds.data.convert import iter_samples, read_summary
-from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS
+from pixart_ds.data.convert import read_summary
+from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS, iter_samples
+from pixart_ds.dist import launch_ranks
 from pixart_ds.model import encoders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,12 +342,13 @@ def test_features_torchrun_two_ranks(raw, tiny_vae_dir, tiny_t5_dir, tmp_path):
         features.extract_features(raw, out, tiny_vae_dir, tiny_t5_dir, resolution=64, progress=False)
 
 
-def test_rank_env_launchers():
-    assert features.rank_env({}) == (0, 1, 0)
+def test_feature_ranks_from_launchers():
+    """Feature extraction needs no process group: dist.launch_ranks reads torchrun's or srun's variables."""
+    assert launch_ranks({}) == (0, 1, 0)
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
-    assert features.rank_env(torchrun) == (3, 4, 1)
+    assert launch_ranks(torchrun) == (3, 4, 1)
     srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"}
-    assert features.rank_env(srun) == (5, 8, 1)
-    assert features.rank_env(dict(srun, **torchrun)) == (3, 4, 1)  # torchrun inside an allocation wins
-    with pytest.raises(ValueError, match="rank 4 of world size 4"):
-        features.rank_env({"RANK": "4", "WORLD_SIZE": "4"})
+    assert launch_ranks(srun) == (5, 8, 1)
+    assert launch_ranks(dict(srun, **torchrun)) == (3, 4, 1)  # torchrun inside an allocation wins
+    with pytest.raises(ValueError, match="rank 4 is outside world size 4"):
+        launch_ranks({"RANK": "4", "WORLD_SIZE": "4"})

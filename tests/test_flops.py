@@ -1,4 +1,4 @@
-"""Analytic FLOPs (pixart_ds.bench.flops) against torch's FlopCounterMode on the real model.
+"""Analytic FLOPs (pixart_ds.model.flops) against torch's FlopCounterMode on the real model.
 
 The model is built on the meta device: no memory, no initialisation, and the matrix products still dispatch through
 aten (SDPA decomposes into counted bmm's there), so counting PixArt-XL/2 costs seconds.
@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pixart_ds.model.pixart as pixart_mod
 from pixart_ds import config
-from pixart_ds.bench.flops import format_flops, image_flops, train_flops_per_image
 from pixart_ds.model.attention import TextContext
+from pixart_ds.model.flops import format_flops, image_flops, train_flops_per_image
 
 B = 2  # count a batch of two and divide: the formula is per image
 

@@ -6,7 +6,7 @@ import pytest
 
 from pixart_ds import config
 from pixart_ds.bench import gpu_days as gd
-from pixart_ds.bench.flops import image_flops
+from pixart_ds.model.flops import image_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [p.recipe for p in gd.PAPER_TABLE4]

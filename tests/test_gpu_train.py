@@ -29,9 +29,19 @@ def _batches(step, cfg):
             for _ in range(2)]
 
 
+class _NoLoader:
+    """These steps take hand-made batches: the loader position a checkpoint holds is empty."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
+
 @pytest.fixture(scope="module")
 def device():
-    from pixart_ds.train.dist import destroy, dist_env, init_distributed
+    from pixart_ds.dist import destroy, dist_env, init_distributed
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(k, None)
@@ -56,10 +66,11 @@ def _engine(cfg, device):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_gpu_steps_nan_skip_and_exact_resume(device, tmp_path, precision, monkeypatch):
+def test_gpu_steps_nan_skip_and_exact_resume(device, tmp_path, precision):
     from pixart_ds.diffusion.schedule import Schedule
     from pixart_ds.train import checkpoint as ck
     from pixart_ds.train import zero
+    from pixart_ds.train.state import RunState, TrainState, set_rng_state
     from pixart_ds.train.step import train_step
 
     cfg = _cfg(precision, tmp_path / "run")
@@ -82,25 +93,19 @@ def test_gpu_steps_nan_skip_and_exact_resume(device, tmp_path, precision, monkey
 
     # injected NaN: skipped, counted as non-finite, weights untouched
     before = {k: v.detach().clone() for k, v in engine.module.named_parameters()}
-    monkeypatch.setenv("PIXART_DS_INJECT_NAN_AT_STEP", str(int(engine.global_steps) + 1))
-    bad = train_step(engine, _batches(99, cfg), sched, cfg, gen)
-    monkeypatch.delenv("PIXART_DS_INJECT_NAN_AT_STEP")
+    bad = train_step(engine, _batches(99, cfg), sched, cfg, gen, poison_loss=True)
     assert bad["skipped"] == 1.0 and bad["nonfinite"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in engine.module.named_parameters())
 
     # save -> two more steps -> fresh engine loads the save -> the same two steps give the same losses
     step = int(engine.global_steps)
-    client = {"progress": {"step": step, "images_seen": 0, "skipped_total": 0}, "ema": ema.checkpoint_state(),
-              "loader": {}, "rng": ck.gather_objects(ck.rng_state(gen)), "world_size": 1, "config": {}}
-    from pixart_ds import config as C
-
-    ck.save(engine, cfg.run_dir, step, client, keep_last=2, meta={"step": step, "world_size": 1,
-                                                                 "config": C.to_dict(cfg)})
+    state = RunState(cfg, 0, 1, TrainState(step=step), ema, engine.module, _NoLoader(), gen)
+    ck.save(engine, cfg.run_dir, state, keep_last=2)
     want = [train_step(engine, _batches(100 + i, cfg), sched, cfg, gen)["loss"] for i in range(2)]
     engine2, ema2 = _engine(cfg, device)
     gen2 = torch.Generator(device=device)
     client2 = zero.load(engine2, ck.ckpt_root(cfg.run_dir), ck.tag_for(step))
-    ck.set_rng_state(client2["rng"][0], gen2)
+    set_rng_state(client2["rng"][0], gen2)
     ema2.load_checkpoint_state(engine2.module, client2["ema"])
     assert int(engine2.global_steps) == step
     got = [train_step(engine2, _batches(100 + i, cfg), sched, cfg, gen2)["loss"] for i in range(2)]

@@ -18,9 +18,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
 
-from data_helpers import flip_bytes, shard_files, write_bucketed_source, write_feature_shards  # noqa: E402
+from pixart_ds.testing import flip_bytes, shard_files, write_bucketed_source, write_feature_shards
 
 MICRO = 4  # per-rank micro batch in the 2-rank runs (global micro-batch 8)
 K = 3  # batches consumed before the mid-epoch state_dict
@@ -139,7 +138,7 @@ def _worker_main(spec_path):
     else:
         # Topology from the launcher's variables; the process group is created without exporting them, so the
         # loader alone must give Streaming its RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE.
-        from pixart_ds.train.dist import dist_env
+        from pixart_ds.dist import dist_env
 
         env = dist_env()
         tdist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -176,7 +175,7 @@ def _clean_env():
 
 
 def _free_port():
-    """A free port in [20000, 40000), the range pixart_ds.train.dist.port_from_job_id maps Slurm job ids to."""
+    """A free port in [20000, 40000), the range pixart_ds.dist.port_from_job_id maps Slurm job ids to."""
     import socket
 
     for _ in range(200):
@@ -701,10 +700,11 @@ def test_reads_what_the_feature_extractor_writes(tmp_path, tiny_vae_dir, tiny_t5
     plain, per-bucket (multi-scale) and class-label feature layouts."""
     from pixart_ds.data import convert, features
     from pixart_ds.data.loader import build_loader
+    from pixart_ds.data.schema import iter_samples
 
     raw = str(tmp_path / "raw")
     convert.synthetic(num_samples=12, resolution=64, seed=0, out=raw, workers=1, progress=False)
-    ids = {s["id"]: s for s in convert.iter_samples(raw)}
+    ids = {s["id"]: s for s in iter_samples(raw)}
     runs = [("plain", dict(resolution=64), {}), ("ms", dict(resolution=64, multi_scale=True), {"multi_scale": True}),
             ("cls", dict(resolution=64, class_labels=True), {"condition": "class", "num_classes": 1000})]
     for name, kw, cfg_kw in runs:

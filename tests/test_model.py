@@ -4,8 +4,7 @@ import torch
 
 from pixart_ds import config
 from pixart_ds.model.pixart import PixArt, build_model, model_info
-
-from model_helpers import inputs, randomize, tiny_cfg  # noqa: E402
+from pixart_ds.testing import inputs, randomize, tiny_cfg
 
 
 @pytest.mark.parametrize("adaln", ["single", "block"])

@@ -4,15 +4,15 @@ At t* = 500 every block's six modulation vectors and the final layer's two equal
 and so does the whole output (the new cross-attention projection is zero, so captions contribute nothing yet).
 """
 import copy
-import dataclasses
 
 import pytest
 import torch
 
-from pixart_ds.model.convert import convert_file, dit_to_pixart, load_model
-from pixart_ds.model.pixart import PixArt, build_model
-
-from model_helpers import randomize, tiny_cfg  # noqa: E402
+from pixart_ds.commands.convert import run as convert_file
+from pixart_ds.model.pixart import build_model
+from pixart_ds.model.reparam import dit_to_pixart
+from pixart_ds.model.weights import load_model
+from pixart_ds.testing import randomize, tiny_cfg
 
 TARGET = {"preset": "tiny", "caption_channels": 32, "max_text_tokens": 8, "attention": "sdpa"}
 

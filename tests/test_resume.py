@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from train_helpers import TINY_TEXT, describe, latest_tag, meta, read_metrics, run_train, write_text_shards
+from pixart_ds.testing import TINY_TEXT, describe, latest_tag, meta, read_metrics, run_train, write_text_shards
 
 STEPS = 30
 KILL_AT = 17
@@ -95,6 +95,7 @@ def test_latest_marker_and_pruning(tmp_path):
     complete checkpoints (+ `latest`), drops universal copies of removed ones and interrupted saves."""
     import json
 
+    from pixart_ds.fsutil import atomic_write_text
     from pixart_ds.train import checkpoint as ck
 
     root = tmp_path / "checkpoints"
@@ -113,14 +114,14 @@ def test_latest_marker_and_pruning(tmp_path):
         make(s)
     make(4, complete=False)  # a save that was killed
     (root / "step_00000001_universal").mkdir()
-    ck.atomic_write_text(str(root / ck.LATEST), "step_00000003")
+    atomic_write_text(str(root / ck.LATEST), "step_00000003")
     assert ck.read_latest(str(root)) == "step_00000003"
     assert ck.complete_tags(str(root)) == ["step_00000001", "step_00000002", "step_00000003"]
     removed = ck.prune(str(root), keep_last=2)
     assert sorted(os.path.basename(r) for r in removed) == ["step_00000001", "step_00000001_universal",
                                                             "step_00000004"]
     assert ck.find_checkpoint(str(tmp_path), "train.resume") == (str(root), "step_00000003")
-    ck.atomic_write_text(str(root / ck.LATEST), "step_00000009")
+    atomic_write_text(str(root / ck.LATEST), "step_00000009")
     with pytest.raises(ck.CheckpointError, match="missing or incomplete"):
         ck.read_latest(str(root))
     with pytest.raises(ck.CheckpointError, match="incomplete checkpoint"):

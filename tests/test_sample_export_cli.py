@@ -26,8 +26,8 @@ GPU_IMAGE_TOL = 1e-3
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from pixart_ds.model.convert import save_ours
     from pixart_ds.model.pixart import build_model
+    from pixart_ds.model.weights import save_ours
 
     cfg = config.from_dict({"model": {"preset": "tiny", "caption_channels": 32, "attention": "sdpa"},
                             "data": {"resolution": 64}})
@@ -71,8 +71,8 @@ def test_export_writes_a_complete_pipeline(exported):
 
 def _ours(ckpt, t5, vae, prompt=PROMPT, uncond="empty", device="cpu", autocast_dtype=None):
     from pixart_ds.diffusion import sampling as S
-    from pixart_ds.diffusion.pipeline import build_sampling_model, resolve_checkpoint
     from pixart_ds.model.encoders import load_text_encoder, load_vae
+    from pixart_ds.train.weights import build_sampling_model, resolve_checkpoint
 
     ck = resolve_checkpoint(ckpt)
     tok, te = load_text_encoder(t5, dtype="fp32", device=device)
@@ -178,7 +178,7 @@ def test_bad_input_is_one_line_naming_the_value(run_cli, tiny_ckpt, tiny_t5_dir,
 
 
 def test_sample_checks_before_any_work(tiny_ckpt, tiny_t5_dir, tiny_vae_dir, tmp_path):
-    from pixart_ds.diffusion.sampling import sample_cli
+    from pixart_ds.commands.sample import run as sample_cli
     from pixart_ds.model.encoders import make_tiny_t5
 
     kw = dict(ckpt=tiny_ckpt, prompts=["x"], out=str(tmp_path / "o"), vae=tiny_vae_dir, text_encoder=tiny_t5_dir,
@@ -219,9 +219,8 @@ def test_gpu_parity_and_bf16_autocast(exported, tiny_ckpt, tiny_t5_dir, tiny_vae
 
 def test_sample_from_a_training_run(run_cli, tiny_t5_dir, tiny_vae_dir, tmp_path):
     """--ckpt RUN_DIR: EMA weights by default, encoders from the run's resolved config."""
-    from train_helpers import TINY_TEXT, describe, run_train, write_text_shards
-
-    from pixart_ds.diffusion.pipeline import resolve_checkpoint
+    from pixart_ds.train.weights import resolve_checkpoint
+    from pixart_ds.testing import TINY_TEXT, describe, run_train, write_text_shards
 
     shards = write_text_shards(str(tmp_path / "shards"), n=32)
     run = str(tmp_path / "run")

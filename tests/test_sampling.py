@@ -21,7 +21,7 @@ def tiny_model(condition="text", multi_scale=False, seed=0):
     with torch.no_grad():  # a fresh model predicts exactly 0 (zero final layer); give every weight some signal
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model, config.to_dict(cfg)["model"]
+    return model, cfg.model
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,8 @@ def _task_vars(job_id, nodelist, tasks_per_node, node_id, local_id, ntasks):
 
 def test_common_sh_ranks_4_nodes_x_8_gpus():
     """Every one of the 32 tasks of a 4-node x 8-GPU job derives its own rank, the same world and master, and
-    agrees with pixart_ds.train.dist (the Python side, used when RANK is absent)."""
-    from pixart_ds.train.dist import dist_env
+    agrees with pixart_ds.dist (the Python side, used when RANK is absent)."""
+    from pixart_ds.dist import dist_env
 
     nodelist = "gpu[007-009,012]"
     seen = set()
@@ -175,7 +175,7 @@ def read_log(path: str) -> str:
 
 @pytest.mark.slurm
 def test_local_cluster_up_is_idempotent(cluster):
-    """`up` on a running cluster: no restart, no rewrite, the node stays usable; the config is the stack-notes one."""
+    """`up` on a running cluster: no restart, no rewrite, the node stays usable; the config is the one docs/stack.md describes."""
     script = os.path.join(REPO, "slurm", "local-cluster.sh")
     conf = "/etc/slurm/slurm.conf"
     before = os.stat(conf).st_mtime_ns
@@ -281,7 +281,7 @@ OVERRIDES = [f"train.total_steps={STEPS}", "train.global_batch_size=4", "train.m
 def work(tmp_path_factory, cluster):
     """A working directory for the jobs (sbatch --chdir) holding the tiny recipes' shards at their relative paths
     (data/tiny_text, data/tiny_class)."""
-    from train_helpers import write_class_shards, write_text_shards
+    from pixart_ds.testing import write_class_shards, write_text_shards
 
     base = tmp_path_factory.mktemp("slurm")
     write_text_shards(str(base / "data" / "tiny_text"), n=64)
@@ -363,7 +363,7 @@ def test_stage2_sbatch_trains_checkpoints_and_exits_0(chain):
 def _export(run_dir: str, out: str, use_ema: bool) -> dict:
     from safetensors.torch import load_file
 
-    from pixart_ds.train.checkpoint import export_weights
+    from pixart_ds.train.weights import export_weights
 
     assert export_weights(run_dir, out, use_ema=use_ema) == 0
     return load_file(os.path.join(out, "model.safetensors"))

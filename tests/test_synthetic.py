@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from pixart_ds.data import synthetic as S
-from pixart_ds.data.convert import iter_samples, read_summary
-
+from pixart_ds.data.convert import read_summary
+from pixart_ds.data.schema import iter_samples
 
 _REBUILD = ("import hashlib, json; from pixart_ds.data import synthetic as S; "
             "print(json.dumps([[S.attributes(i, 3) for i in range(20)], "

@@ -1,7 +1,6 @@
 """`pixart-ds train` as users start it: single process, torchrun (2 ranks), the deepspeed launcher (2 ranks); stage
 initialisation through the DiT -> PixArt re-parameterization; stop on SIGUSR1 with the requeue exit code; and
 bad input stopping before training with a one-line error."""
-import json
 import os
 import signal
 import subprocess
@@ -10,8 +9,8 @@ import time
 import pytest
 import torch
 
-from train_helpers import (REPO, TINY_CLASS, TINY_TEXT, clean_env, describe, latest_tag, meta, read_metrics,
-                           run_train, train_cmd, worker_pids, write_class_shards, write_text_shards)
+from pixart_ds.testing import (REPO, TINY_CLASS, TINY_TEXT, clean_env, describe, latest_tag, meta, read_metrics,
+                               run_train, train_cmd, worker_pids, write_class_shards, write_text_shards)
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +170,9 @@ def test_stage1_to_stage2_init_from_reparameterizes(tmp_path):
     """A class-conditional adaLN-block run (stage 1) initialises a text-conditional adaLN-single run (stage 2)
     through convert.dit_to_pixart at train.init_reparam_t; with ema_decay 1 the stage-2 EMA stays the converted
     stage-1 EMA, which the test recomputes independently."""
-    from pixart_ds.model.convert import build_from_dict, dit_to_pixart
-    from pixart_ds.train.checkpoint import load_weights
+    from pixart_ds.model.reparam import dit_to_pixart
+    from pixart_ds.model.weights import build
+    from pixart_ds.train.weights import load_weights
 
     s1, s2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     cls_shards = write_class_shards(str(tmp_path / "cls"))
@@ -190,7 +190,7 @@ def test_stage1_to_stage2_init_from_reparameterizes(tmp_path):
 
     cfg2 = C.load(os.path.join(s2, "config.yaml"))
     src_cfg, res, ema1 = load_weights(s1, use_ema=True)
-    dit = build_from_dict(src_cfg, res)
+    dit = build(src_cfg, res)
     dit.load_state_dict(ema1)
     want = dit_to_pixart(dit, target_cfg=cfg2.model, reparam_t=300, seed=cfg2.train.seed).state_dict()
     _, _, ema2 = load_weights(s2, use_ema=True)

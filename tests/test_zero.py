@@ -71,8 +71,8 @@ def build(cfg):
 def _worker(out_path: str) -> None:
     from pixart_ds import config as C
     from pixart_ds.diffusion.schedule import Schedule
+    from pixart_ds.dist import destroy, dist_env, init_distributed
     from pixart_ds.train import zero
-    from pixart_ds.train.dist import destroy, dist_env, init_distributed
     from pixart_ds.train.step import train_step
 
     cfg = parity_cfg()

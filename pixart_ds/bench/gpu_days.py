@@ -3,7 +3,7 @@
 Rule (DESIGN.md principle 10: derived, never typed in):
   images     = train.total_steps x train.global_batch_size                       (the recipe)
   GPU-days   = images / (measured images/s per GPU) / 86,400                     (benchmarks/throughput.py JSON)
-  MFU        = images/s per GPU x model FLOPs per image / peak FLOP/s             (pixart_ds.bench.flops; no recompute)
+  MFU        = images/s per GPU x model FLOPs per image / peak FLOP/s             (pixart_ds.model.flops; no recompute)
   A100-days  = images x model FLOPs per image / (MFU x 312 TFLOP/s) / 86,400     ("FLOP rule": the same MFU on an A100;
                                                                                   = GPU-days x peak / 312)
 The paper converts V100-days to A100-days by dividing by 2.2 (PixArt-α §2.4 / Table 4 footnote; 1,656 / 2.2 = 753).
@@ -17,9 +17,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from pixart_ds.bench.flops import image_flops
-from pixart_ds.bench.hardware import A100_PEAK_TFLOPS, GPU_PEAKS, V100_PEAK_TFLOPS
-from pixart_ds.config import Config
+from pixart_ds.config import Config, to_dict
+from pixart_ds.hardware import A100_PEAK_TFLOPS, GPU_PEAKS, V100_PEAK_TFLOPS
+from pixart_ds.model.flops import image_flops
 
 SECONDS_PER_DAY = 86_400
 PAPER_V100_TO_A100 = 2.2  # the paper's assumed A100-over-V100 speed-up
@@ -83,8 +83,6 @@ def model_signature(model: dict, resolution: int) -> tuple:
 
 
 def _cfg_signature(cfg: Config) -> tuple:
-    from pixart_ds.config import to_dict
-
     return model_signature(to_dict(cfg.model), cfg.data.resolution)
 
 
@@ -264,7 +262,7 @@ def render_markdown(p: dict, title: str = "GPU-days per stage", extra: str = "")
         "- images = train.total_steps x train.global_batch_size of each recipe; GPU-days = images / (images/s per GPU)"
         " / 86,400, with images/s per GPU measured by `benchmarks/throughput.py` on the production `train_step` at the"
         " recipe's model, resolution and per-GPU batch (one GPU; data loading and inter-GPU communication excluded).",
-        "- MFU = model FLOPs per image (`pixart_ds.bench.flops`: matrix products, forward + backward = 3 x forward,"
+        "- MFU = model FLOPs per image (`pixart_ds.model.flops`: matrix products, forward + backward = 3 x forward,"
         " no recomputation) x images/s / the device's dense bf16 peak.",
         f"- A100-days, FLOP rule: the same images and FLOPs at the same MFU on an A100's {c['a100_peak_tflops']:g}"
         " TFLOP/s peak.",
@@ -286,10 +284,10 @@ def render_markdown(p: dict, title: str = "GPU-days per stage", extra: str = "")
 
 def plot(p: dict, path: str) -> None:
     """Grouped bars per stage (paper V100-days, paper A100-days, ours GPU-days, ours A100-days) and totals vs SD v1.5."""
-    import matplotlib
+    import matplotlib  # heavy: only the report plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy (see above); after use("Agg"), so no display is needed
 
     rows = p["rows"]
     labels = [f"{r['recipe']}\n{r['resolution']} px" for r in rows]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 
 import yaml
+
+from pixart_ds.fsutil import atomic_write_bytes, atomic_write_text
 
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                "benchmarks", "results")
@@ -27,34 +28,19 @@ def stem(name: str, hardware_slug: str, when: _dt.datetime | None = None) -> str
     return f"{safe}_{hardware_slug}_{when:%Y%m}"
 
 
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_outputs(out_dirs: list[str], base: str, markdown: str | None = None, data: dict | None = None,
                   files: dict[str, bytes] | None = None) -> list[str]:
     """Write `<base>.md`, `<base>.json` and extra files (name -> bytes) into every folder of `out_dirs`."""
     written = []
     for d in out_dirs:
         if markdown is not None:
-            atomic_write(os.path.join(d, f"{base}.md"), markdown)
+            atomic_write_text(os.path.join(d, f"{base}.md"), markdown)
             written.append(os.path.join(d, f"{base}.md"))
         if data is not None:
-            atomic_write(os.path.join(d, f"{base}.json"), json.dumps(data, indent=2, default=_json_default) + "\n")
+            atomic_write_text(os.path.join(d, f"{base}.json"), json.dumps(data, indent=2, default=_json_default) + "\n")
             written.append(os.path.join(d, f"{base}.json"))
         for name, blob in (files or {}).items():
-            atomic_write(os.path.join(d, name), blob)
+            atomic_write_bytes(os.path.join(d, name), blob)
             written.append(os.path.join(d, name))
     return written
 

@@ -22,11 +22,19 @@ import time
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from pixart_ds import config as C
-from pixart_ds.bench import hardware as H
-from pixart_ds.bench.flops import format_flops, image_flops
-from pixart_ds.bench.report import peak_rss_reset, rss_bytes
+from pixart_ds import dist
+from pixart_ds import hardware as H
+from pixart_ds.bench.report import gib, hardware_md, peak_rss_reset, rss_bytes, versions_md, yaml_block
+from pixart_ds.diffusion.schedule import Schedule
+from pixart_ds.model.attention import resolve_backend
+from pixart_ds.model.flops import format_flops, image_flops
+from pixart_ds.model.pixart import build_model
+from pixart_ds.train import zero
+from pixart_ds.train.ema import EMA
+from pixart_ds.train.step import train_step
 
 SCHEMA = "pixart_ds.throughput/1"
 
@@ -78,11 +86,6 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
             matmul_probe: bool = True) -> dict:
     """Build the engine for `cfg` (one micro-batch per step), run warm-up + timed train_steps; return the record
     (without report paths). Rank 0's numbers are returned on every rank."""
-    from pixart_ds.diffusion.schedule import Schedule
-    from pixart_ds.model.pixart import build_model
-    from pixart_ds.train import dist, zero
-    from pixart_ds.train.ema import EMA
-    from pixart_ds.train.step import train_step
 
     env = dist.dist_env()
     device = dist.init_distributed(env, timeout_s=cfg.train.collective_timeout_s)
@@ -169,7 +172,6 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
         "loss": {"first": losses[0], "last": losses[-1], "finite": all(math.isfinite(x) for x in losses)},
         "parameters": n_params,
     }
-    from pixart_ds.model.attention import resolve_backend
 
     probe = torch.empty(1, device=device, dtype=zero.engine_dtype(engine))
     return {
@@ -206,7 +208,6 @@ def _bar(total: int, enabled: bool, desc: str):
     if not enabled:
         return _NoBar()
     try:
-        from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, unit="step", leave=False)
     except ImportError:  # pragma: no cover
@@ -228,8 +229,6 @@ def _rate(tflops: float | None) -> str:
 
 
 def render_markdown(rec: dict, notes: list[str] = ()) -> str:
-    from pixart_ds.bench.report import gib, hardware_md, versions_md, yaml_block
-
     r, m, hw, cfg = rec["results"], rec["measure"], rec["hardware"], rec["config"]
     st = r["step_time_s"]
     mem = r["memory"]
@@ -269,7 +268,7 @@ def render_markdown(rec: dict, notes: list[str] = ()) -> str:
         f"| achieved FLOP/s (model / hardware) | {_rate(r['model_tflops_per_s'])} / {_rate(r['hardware_tflops_per_s'])} |",
         f"| **MFU** (vs {('%g TFLOP/s peak' % hw['peak_tflops']) if hw.get('peak_tflops') else 'no vendor peak'}) "
         f"| **{pct(r['mfu'])}** (HFU {pct(r['hfu'])}) |",
-        f"| measured matmul rate / MFU vs it | "
+        "| measured matmul rate / MFU vs it | "
         + (f"{_rate(r['matmul_tflops_measured'])} / {pct(r['mfu_vs_measured_matmul'])}"
            if r.get("matmul_tflops_measured") else "—") + " |",
         f"| peak memory | {gib(peak_mem)} ({'allocated; reserved ' + gib(mem['peak_reserved_bytes']) if 'peak_reserved_bytes' in mem else 'process peak RSS'}) |",

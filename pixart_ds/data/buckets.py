@@ -12,9 +12,10 @@ Feature shards hold one stream per bucket, a sub-directory named by `bucket_dirn
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+
+from pixart_ds.data.schema import has_index, num_samples
 
 # [height, width] per key; 10 rows x 4 = 40 buckets each.
 ASPECT_RATIO_1024: dict[str, tuple[int, int]] = {
@@ -87,12 +88,9 @@ def list_bucket_streams(root: str) -> list[dict]:
     out = []
     for name in sorted(os.listdir(root)):
         hw = parse_bucket_dirname(name)
-        index = os.path.join(root, name, "index.json")
-        if hw is None or not os.path.isfile(index):
+        path = os.path.join(root, name)
+        if hw is None or not has_index(path):
             continue
-        with open(index) as f:
-            shards = json.load(f)["shards"]
-        out.append(dict(name=name, path=os.path.join(root, name), height=hw[0], width=hw[1],
-                        num_samples=sum(int(s["samples"]) for s in shards)))
+        out.append(dict(name=name, path=path, height=hw[0], width=hw[1], num_samples=num_samples(path)))
     out.sort(key=lambda d: d["height"] / d["width"])
     return out

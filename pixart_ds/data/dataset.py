@@ -29,7 +29,6 @@ the ranks) and keeps the loader's sample counter, hence resume, exact.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.compression import decompress
@@ -47,6 +47,7 @@ from streaming.base.hashing import get_hash
 from streaming.base.shared import SharedArray
 
 from pixart_ds.config import Config, ConfigError, latent_size
+from pixart_ds.data.schema import read_index
 
 logger = logging.getLogger(__name__)
 
@@ -95,26 +96,11 @@ def caption_drop(seed: int, epoch: int, sample_idx: int, p: float) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _index_shards(stream_dir: str) -> list[dict]:
-    path = os.path.join(stream_dir, "index.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no MDS index (is this a feature-shard directory?)")
-    with open(path) as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    shards = obj.get("shards") if isinstance(obj, dict) else None
-    if not isinstance(shards, list):
-        raise ValueError(f"{path}: not an MDS index (no 'shards' list)")
-    return shards
-
-
 def peek_first_sample(stream_dir: str) -> tuple[dict[str, Any], str]:
     """(decoded first sample, shard path) of a local MDS stream, read straight from the shard file (decompressed in
     memory when only the compressed shard is present). Raises CorruptSampleError naming the shard if it cannot be
     decoded."""
-    shards = _index_shards(stream_dir)
+    shards = read_index(stream_dir, "feature-shard", "is this a feature-shard directory?")
     for obj in shards:
         if int(obj.get("samples", 0)) < 1:
             continue
@@ -252,7 +238,6 @@ class FeatureDataset(StreamingDataset):
     def _attach_shard_checks(self) -> None:
         """The node-wide table of shard verdicts (one byte per shard, _CHECK_* codes) in shared memory, so each
         shard is read and hashed once per node and run rather than once per rank and DataLoader worker."""
-        import torch.distributed as tdist
 
         name = f"{self._shm_prefix_int:06d}_{SHARD_CHECK_SHM}"
         leader = self._unique_rank_world.is_local_leader

@@ -42,10 +42,20 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from streaming import MDSWriter
+from streaming.base.format import reader_from_json
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
 
+from pixart_ds.config import MAX_TEXT_TOKENS
 from pixart_ds.data import buckets
-from pixart_ds.data.convert._engine import atomic_write_text, merge_partitions, summary_path
-from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS
+from pixart_ds.data.convert._engine import merge_partitions, summary_path
+from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS, INDEX_FILE, read_index
+from pixart_ds.dist import launch_ranks
+from pixart_ds.fsutil import atomic_write_text
+from pixart_ds.model import encoders
 
 # Skip reasons (the summary's vocabulary, shared with the raw converters where they overlap).
 CORRUPT_IMAGE = "corrupt image"
@@ -72,25 +82,6 @@ def bytes_per_sample(resolution: int, text_tokens: int, text_width: int = 4096, 
             "total_unpadded": vae + text_tokens * text_width * 2, "total_padded": vae + 120 * text_width * 2}
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Ranks
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def rank_env(environ=None) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun / deepspeed (RANK, WORLD_SIZE, LOCAL_RANK), srun
-    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or (0, 1, 0) for a single process."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"inconsistent rank environment: rank {rank} of world size {world}")
-    return rank, world, local
-
 
 def _part_name(rank: int, world: int) -> str:
     return f"part-{rank:05d}-of-{world:05d}"
@@ -116,18 +107,9 @@ def _markers(out: str) -> dict[tuple[int, int], str]:
 
 
 def _read_raw_index(inp: str) -> list[dict]:
-    index = os.path.join(inp, "index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"raw MDS index not found: {index} (write one with `pixart-ds data ...`)")
-    try:
-        with open(index) as f:
-            shards = json.load(f)["shards"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{index}: not an MDS index ({e})") from None
+    index = os.path.join(inp, INDEX_FILE)
+    shards = read_index(inp, "raw MDS", "write one with `pixart-ds data ...`")
     for s in shards:
-        if s.get("format") != "mds":
-            raise ValueError(f"{index}: shard {s.get('raw_data', {}).get('basename')} is {s.get('format')!r}, "
-                             "expected 'mds'")
         cols = dict(zip(s["column_names"], s["column_encodings"]))
         for name, allowed in _RAW_REQUIRED.items():
             if name not in cols:
@@ -166,9 +148,6 @@ def preprocess(img, target_h: int, target_w: int, multi_scale: bool) -> torch.Te
     Multi-scale (official InternalData_ms): resize to cover the bucket keeping the aspect ratio, center crop.
     Both with bicubic + antialias (the official 'Image.BICUBIC' intent; its single-scale T.Resize defaults to
     bilinear)."""
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
-
     img = img.convert("RGB")
     w, h = img.size
     if multi_scale:
@@ -194,14 +173,11 @@ class _RawSlice(torch.utils.data.Dataset):
 
     def _reader(self, si: int):
         if si not in self._readers:
-            from streaming.base.format import reader_from_json
 
             self._readers[si] = reader_from_json(self.inp, None, self.shards[si])
         return self._readers[si]
 
     def __getitem__(self, k: int) -> dict:
-        from PIL import Image
-
         si, li, gidx = self.refs[k]
         where = f"{self.shards[si]['raw_data']['basename']}#{li}"
         item = {"gidx": gidx, "id": where, "skip": None}
@@ -248,12 +224,8 @@ def extract_features(inp: str, out: str, vae: str, text_encoder: Optional[str] =
                      progress: bool = True) -> dict:
     """Write the feature MDS of raw MDS `inp` into `out` (see the module docstring). Returns rank 0's summary
     (other ranks: their own record)."""
-    from tqdm import tqdm
-
-    from pixart_ds.model import encoders
-
     t0 = time.time()
-    rank, world, local_rank = rank_env(environ)
+    rank, world, local_rank = launch_ranks(environ)
     env = os.environ if environ is None else environ
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0] or 1)
     inp, out = os.path.abspath(inp), os.path.abspath(out)
@@ -332,8 +304,6 @@ def extract_features(inp: str, out: str, vae: str, text_encoder: Optional[str] =
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                              prefetch_factor=4 if num_workers else None)
 
-        from streaming import MDSWriter
-
         writers: dict[str, MDSWriter] = {}
         per_bucket: Counter = Counter()
         written, truncated_captions = 0, 0
@@ -360,7 +330,7 @@ def extract_features(inp: str, out: str, vae: str, text_encoder: Optional[str] =
             if not class_labels:
                 caps = [encoders.clean_caption(it["caption"]) for it in batch]
                 full = tok(caps, truncation=False, padding=False)["input_ids"]
-                truncated_captions += sum(len(ids) > encoders.MAX_TEXT_TOKENS for ids in full)
+                truncated_captions += sum(len(ids) > MAX_TEXT_TOKENS for ids in full)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # counted above, reported once in the summary
                     emb, mask = encoders.encode_text(tok, t5, caps)

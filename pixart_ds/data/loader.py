@@ -13,7 +13,7 @@ This is the only module that knows where shards live and how sources are weighte
 - Order: shuffled with seed `train.seed`; `num_canonical_nodes` is fixed (recipe value or 1) so the global sample
   order does not depend on the number of nodes/ranks, and a state saved at one world size resumes at another.
 - Topology: Streaming reads only RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE. They are exported from the
-  DistEnv (or the environment via pixart_ds.train.dist.dist_env: LOCAL_SIZE under the deepspeed launcher,
+  DistEnv (or the environment via pixart_ds.dist.dist_env: LOCAL_SIZE under the deepspeed launcher,
   SLURM_* under srun) before the dataset is built; without LOCAL_WORLD_SIZE two ranks on a node both act as the
   local leader and die in shared memory.
 - Stale shared memory (left by a crashed run) is removed at start by local rank 0 before the first barrier; only
@@ -21,7 +21,6 @@ This is the only module that knows where shards live and how sources are weighte
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,8 +31,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as tdist
+from streaming import Stream, StreamingDataLoader
+from streaming.base.batching import generate_work
 
 from pixart_ds.config import Config, ConfigError, latent_size
+from pixart_ds.data.dataset import CorruptSampleError, FeatureDataset, StreamSpec, validate_stream
+from pixart_ds.data.schema import has_index, num_samples
+from pixart_ds.dist import dist_env as _detect
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +66,12 @@ class Topology:
 
 def resolve_topology(dist_env: Any = None, environ=None) -> Topology:
     """Rank/world/local rank/local world from `dist_env` (any object with those attributes, e.g.
-    pixart_ds.train.dist.DistEnv) or, when None, from the launcher environment (torchrun, deepspeed, srun)."""
+    pixart_ds.dist.DistEnv) or, when None, from the launcher environment (torchrun, deepspeed, srun)."""
     if dist_env is None:
         environ = os.environ if environ is None else environ
         if all(environ.get(var) for var, _ in _TOPOLOGY_VARS):
             # The four standard names (torchrun, or exported by an earlier build_loader) are what Streaming reads.
             return resolve_topology(Topology(*(int(environ[var]) for var, _ in _TOPOLOGY_VARS)))
-        from pixart_ds.train.dist import dist_env as _detect
 
         dist_env = _detect(environ)
     try:
@@ -179,15 +183,9 @@ def clean_stale_shm(shm_dir: str = "/dev/shm", lock_dir: Optional[str] = None) -
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _index_samples(stream_dir: str) -> int:
-    with open(os.path.join(stream_dir, "index.json")) as f:
-        return sum(int(s["samples"]) for s in json.load(f)["shards"])
-
-
 def _bucket_dirs(root: str) -> list[str]:
     """Sub-directories of a multi-scale source that hold a stream (own index.json), in name order."""
-    return [os.path.join(root, n) for n in sorted(os.listdir(root))
-            if os.path.isfile(os.path.join(root, n, "index.json"))]
+    return [os.path.join(root, n) for n in sorted(os.listdir(root)) if has_index(os.path.join(root, n))]
 
 
 @dataclass
@@ -203,7 +201,6 @@ class _Part:
 def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
     """The streams (one per source, or one per bucket of each source) with their relative weights, validated
     against the recipe. `global_micro_batch` = micro batch x world size (the per_stream batching unit)."""
-    from pixart_ds.data.dataset import StreamSpec, validate_stream
 
     d = cfg.data
     if not d.sources:
@@ -223,11 +220,10 @@ def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
                 raise ConfigError(f"{key}.local: {local} has no per-bucket streams (sub-directories with an "
                                   f"index.json); was it made with `pixart-ds features --multi-scale`?")
             for sub in dirs:
-                parts.append(_Part(i, sub, None, _index_samples(sub), src.proportion, validate_stream(cfg, sub)))
+                parts.append(_Part(i, sub, None, num_samples(sub), src.proportion, validate_stream(cfg, sub)))
         else:
-            index = os.path.join(local, "index.json") if local else None
-            if index and os.path.isfile(index):
-                parts.append(_Part(i, local, src.remote, _index_samples(local), src.proportion,
+            if local and has_index(local):
+                parts.append(_Part(i, local, src.remote, num_samples(local), src.proportion,
                                    validate_stream(cfg, local)))
             elif src.remote:
                 # Not downloaded yet: the expected shapes come from the recipe and are checked per sample.
@@ -316,8 +312,6 @@ def _drop_small_buckets(cfg: Config, parts: list[_Part], min_draws: int, block: 
 
 
 def _streaming_loader_class():
-    from streaming import StreamingDataLoader
-
     class FeatureLoader(StreamingDataLoader):
         """StreamingDataLoader that also counts corrupt samples replaced on this rank (`num_skipped`).
 
@@ -332,8 +326,6 @@ def _streaming_loader_class():
             self._epoch_size = None
 
         def __iter__(self):
-            from pixart_ds.data.dataset import CorruptSampleError
-
             it = super().__iter__()
             while True:
                 error = None
@@ -364,14 +356,10 @@ def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, cl
     """A StreamingDataLoader yielding dicts of named tensors (see pixart_ds.data.dataset) in batches of
     `micro_batch_size` per rank.
 
-    Call on every rank, after torch.distributed is initialised (pixart_ds.train.dist.init_distributed) when the
+    Call on every rank, after torch.distributed is initialised (pixart_ds.dist.init_distributed) when the
     world size is above 1. `dist_env`: any object with rank / world_size / local_rank / local_world_size, or None
     to read the launcher's environment. `clean_shm`: remove stale Streaming shared memory first (local rank 0).
     """
-    import torch.distributed as tdist
-
-    from pixart_ds.data.dataset import FeatureDataset
-
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     topo = resolve_topology(dist_env)
@@ -379,7 +367,7 @@ def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, cl
         export_topology(topo)
         if not (tdist.is_available() and tdist.is_initialized()):
             raise RuntimeError(f"build_loader: WORLD_SIZE={topo.world_size} but torch.distributed is not initialised "
-                               f"(call pixart_ds.train.dist.init_distributed first)")
+                               f"(call pixart_ds.dist.init_distributed first)")
     if clean_shm and topo.local_rank == 0:
         clean_stale_shm()
     if tdist.is_available() and tdist.is_initialized():
@@ -387,7 +375,6 @@ def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, cl
 
     global_micro = micro_batch_size * topo.world_size
     parts = plan_streams(cfg, global_micro)
-    from streaming import Stream
 
     weighted = all(p.weight is not None for p in parts)
     streams = [Stream(local=p.path, remote=p.remote, proportion=p.weight if weighted else None) for p in parts]
@@ -437,7 +424,6 @@ def epoch_size(loader) -> EpochSize:
     per-stream batches left incomplete and the rank padding). Cached on the loader."""
     if getattr(loader, "_epoch_size", None) is not None:
         return loader._epoch_size
-    from streaming.base.batching import generate_work
 
     ds = loader.dataset
     world = ds._parallel_rank_world.detect_workers()

@@ -6,23 +6,23 @@ would mean nothing. This module fits a small diffusers `AutoencoderKL` (the SD l
 in `pixart_ds/data/assets/synthetic_vae/` and the demo loads it through `AutoencoderKL.from_pretrained` like any
 other VAE. Rebuild it with
 
-    python -m pixart_ds.data.synthetic_vae --out pixart_ds/data/assets/synthetic_vae --steps 4000
+    pixart-ds fit-vae --out pixart_ds/data/assets/synthetic_vae --steps 4000
 
 (about a minute on one H200; hours on a 2-core CPU). `scaling_factor` in its config.json is 1 / std of the posterior means, so scaled
 latents have unit variance, as 0.18215 does for SD's VAE.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 
 from pixart_ds.data import synthetic
+from pixart_ds.fsutil import atomic_write_json, write_dir_atomic
 
 ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "synthetic_vae")
 RESOLUTION = 128
@@ -43,8 +43,6 @@ def render_images(n: int, seed: int, resolution: int, workers: int = 2) -> torch
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
-
     n = len(BLOCK_OUT_CHANNELS)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
@@ -89,32 +87,14 @@ def fit(out: str, steps: int = 4000, batch_size: int = 64, num_images: int = 200
         ok = [synthetic.judge(rec_u8[i], synthetic.attributes(i, seed + 1))["ok"] for i in range(len(rec_u8))]
     vae.register_to_config(scaling_factor=scale)
     vae = vae.to("cpu", torch.float32)
-    tmp = out.rstrip("/") + ".tmp"
-    vae.save_pretrained(tmp)
+
+    def write(tmp: str) -> None:
+        vae.save_pretrained(tmp)
+        atomic_write_json(os.path.join(tmp, "fit.json"), stats)
+
     stats = {"steps": steps, "batch_size": batch_size, "num_images": num_images, "resolution": RESOLUTION,
              "recon_mse": mse, "judge_ok_on_reconstructions": float(np.mean(ok)), "scaling_factor": scale,
              "seconds": round(time.time() - t0, 1), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    with open(os.path.join(tmp, "fit.json"), "w") as f:
-        json.dump(stats, f, indent=2)
-    if os.path.exists(out):
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(json.dumps(stats))
+    write_dir_atomic(out, write, replace=True)
     return stats
 
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=ASSET_DIR)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-images", type=int, default=20000)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes rendering the images")
-    a = p.parse_args(argv)
-    fit(a.out, steps=a.steps, batch_size=a.batch_size, num_images=a.num_images, workers=a.workers)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""Sampling with classifier-free guidance through diffusers' schedulers, and the `pixart-ds sample` verb.
+"""Sampling with classifier-free guidance through diffusers' schedulers (used by `pixart-ds sample`, `eval` and the
+trainer's sample grids).
 
 Samplers (paper §3 / official scripts/inference.py): DPM-Solver++ multistep, order 2 (the default: 20 steps,
 guidance 4.5), DDIM and ancestral DDPM. All three are diffusers schedulers configured with our training betas
@@ -18,21 +19,24 @@ is skipped: the result is exactly the conditional model.
 """
 from __future__ import annotations
 
-import json
+import inspect
 import math
-import os
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pixart_pipeline
+from PIL import Image
+from tqdm.auto import tqdm
 
+from pixart_ds.config import VAE_DOWNSAMPLE, VAE_SCALE, ModelConfig
 from pixart_ds.diffusion.schedule import Schedule
+from pixart_ds.model.encoders import clean_caption, encode_text, text_width, vae_decode
 
 SAMPLERS = ("dpm-solver", "ddim", "ddpm")
-VAE_DOWNSAMPLE = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,8 +54,6 @@ def dpm_solver_config(schedule: Schedule) -> dict:
 
 def make_scheduler(sampler: str, schedule: Schedule, pred_sigma: bool = True):
     """A diffusers scheduler with our betas. Latents are unbounded: no x0 clipping or thresholding anywhere."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
     if sampler == "dpm-solver":
         return DPMSolverMultistepScheduler(**dpm_solver_config(schedule))
     if sampler == "ddim":
@@ -108,13 +110,12 @@ class GuidedDenoiser:
         if self.guidance == 1.0:
             return self._forward(x, t, self.cond)
         u, c = self.both(x, t)
-        C = self.C
-        eps = u[:, :C] + self.guidance * (c[:, :C] - u[:, :C])
-        return torch.cat([eps, c[:, C:]], dim=1)
+        return cfg_combine(u, c, self.guidance, self.C)
 
 
 def cfg_combine(u: torch.Tensor, c: torch.Tensor, guidance: float, latent_channels: int) -> torch.Tensor:
-    """The guidance formula on the epsilon half of [B, out_ch, h, w] outputs (exposed for tests)."""
+    """The guidance formula (Ho & Salimans eq. 6) on the epsilon half of [B, out_ch, h, w] outputs; the variance
+    half comes from the conditional branch."""
     C = latent_channels
     return torch.cat([u[:, :C] + guidance * (c[:, :C] - u[:, :C]), c[:, C:]], dim=1)
 
@@ -139,8 +140,6 @@ def sample_latents(denoiser: Callable, scheduler, noise: torch.Tensor, steps: in
 
     DPM-Solver and DDIM get only the epsilon half; DDPM (learned_range) gets [eps, v] for its variance.
     """
-    from tqdm.auto import tqdm
-
     C = noise.shape[1]
     scheduler.set_timesteps(steps, device=noise.device)
     wants_var = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
@@ -158,8 +157,6 @@ def sample_latents(denoiser: Callable, scheduler, noise: torch.Tensor, steps: in
 
 
 def _step_takes_generator(scheduler) -> bool:
-    import inspect
-
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
@@ -169,15 +166,11 @@ def _step_takes_generator(scheduler) -> bool:
 
 
 def preprocess_prompt(p: str) -> str:
-    from pixart_ds.model.encoders import clean_caption
-
     return clean_caption(p)
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int, device) -> tuple:
     """T5 features [N, L, D] float32 and mask [N, L] int64 of the preprocessed prompts; warns on truncation."""
-    from pixart_ds.model.encoders import encode_text
-
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         emb, mask = encode_text(tokenizer, text_encoder, [preprocess_prompt(p) for p in prompts], max_length)
@@ -185,15 +178,13 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int,
 
 
 def check_text_width(text_encoder, caption_channels: int, path: str) -> None:
-    from pixart_ds.model.encoders import text_width
-
     d = text_width(text_encoder)
     if d != caption_channels:
         raise ValueError(f"text encoder {path}: width d_model={d} does not match the model's "
                          f"caption_channels={caption_channels}")
 
 
-def build_conditions(model_cfg: dict, prompts: list[str], *, tokenizer=None, text_encoder=None,
+def build_conditions(model_cfg: ModelConfig, prompts: list[str], *, tokenizer=None, text_encoder=None,
                      uncond: str = "null", device="cpu", data_info: Optional[dict] = None) -> tuple[dict, dict]:
     """(cond, uncond) keyword arguments of PixArt.forward for a batch of N prompts.
 
@@ -203,16 +194,17 @@ def build_conditions(model_cfg: dict, prompts: list[str], *, tokenizer=None, tex
     n = len(prompts)
     keep = torch.zeros(n, dtype=torch.bool, device=device)
     drop = torch.ones(n, dtype=torch.bool, device=device)
-    if model_cfg.get("condition", "text") == "class":
+    if model_cfg.condition == "class":
         labels = []
         for p in prompts:
-            if not re.fullmatch(r"\s*\d+\s*", p) or not 0 <= int(p) < model_cfg["num_classes"]:
-                raise ValueError(f"prompt {p!r}: a class-conditional model takes class ids 0..{model_cfg['num_classes'] - 1}")
+            if not re.fullmatch(r"\s*\d+\s*", p) or not 0 <= int(p) < model_cfg.num_classes:
+                raise ValueError(f"prompt {p!r}: a class-conditional model takes class ids "
+                                 f"0..{model_cfg.num_classes - 1}")
             labels.append(int(p))
         y = torch.tensor(labels, dtype=torch.long, device=device)
         cond, unc = dict(y=y, drop=keep), dict(y=y, drop=drop)
     else:
-        max_len = int(model_cfg.get("max_text_tokens", 120))
+        max_len = model_cfg.max_text_tokens
         emb, mask = encode_prompts(tokenizer, text_encoder, prompts, max_len, device)
         cond = dict(y=emb, mask=mask, drop=keep)
         if uncond == "null":
@@ -270,11 +262,8 @@ def image_size(resolution: int, aspect_ratio: Optional[str], patch_size: int, mu
 
 
 def _ratio_table(resolution: int) -> Optional[dict]:
-    try:
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as p
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return None
-    return {256: p.ASPECT_RATIO_256_BIN, 512: p.ASPECT_RATIO_512_BIN, 1024: p.ASPECT_RATIO_1024_BIN}.get(resolution)
+    return {256: pixart_pipeline.ASPECT_RATIO_256_BIN, 512: pixart_pipeline.ASPECT_RATIO_512_BIN,
+            1024: pixart_pipeline.ASPECT_RATIO_1024_BIN}.get(resolution)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,26 +279,23 @@ class SampleResult:
 
 
 @torch.no_grad()
-def generate(model, model_cfg: dict, prompts: list[str], *, vae, tokenizer=None, text_encoder=None,
+def generate(model, model_cfg: ModelConfig, prompts: list[str], *, vae, tokenizer=None, text_encoder=None,
              schedule: Optional[Schedule] = None, sampler: str = "dpm-solver", steps: int = 20,
              guidance: float = 4.5, seeds: Optional[list[int]] = None, height: int = 256, width: int = 256,
              uncond: str = "null", device="cpu", batch_size: int = 8, autocast_dtype=None,
-             progress: bool = False, vae_scale: float = 0.18215) -> SampleResult:
+             progress: bool = False, vae_scale: float = VAE_SCALE) -> SampleResult:
     """Sample one image per prompt. `model` is a PixArt (or anything with its forward signature) in eval mode
     on `device`; seeds[i] seeds image i (default 0..N-1)."""
-    from pixart_ds.model.encoders import vae_decode
-
     schedule = schedule or Schedule.linear()
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    C = int(model_cfg.get("in_channels", 4))
-    pred_sigma = bool(model_cfg.get("pred_sigma", True))
+    C, pred_sigma = model_cfg.in_channels, model_cfg.pred_sigma
     h, w = height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE
     images, latents = [], []
     for i in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
         n = len(chunk)
         data_info = None
-        if model_cfg.get("multi_scale", False):
+        if model_cfg.multi_scale:
             data_info = {"img_hw": torch.tensor([[float(height), float(width)]] * n, device=device),
                          "aspect_ratio": torch.tensor([[height / width]] * n, device=device)}
         cond, unc = build_conditions(model_cfg, chunk, tokenizer=tokenizer, text_encoder=text_encoder,
@@ -325,15 +311,11 @@ def generate(model, model_cfg: dict, prompts: list[str], *, vae, tokenizer=None,
 
 def to_pil(images: torch.Tensor) -> list:
     """[N, 3, H, W] in [-1, 1] -> PIL images, rounded as diffusers' image processor does."""
-    from PIL import Image
-
     arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
 
 
 def make_grid(pils: list, cols: Optional[int] = None, pad: int = 2):
-    from PIL import Image
-
     n = len(pils)
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -343,121 +325,3 @@ def make_grid(pils: list, cols: Optional[int] = None, pad: int = 2):
         r, c = divmod(i, cols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The `sample` verb
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _read_prompts(prompts, prompts_file) -> list[str]:
-    out = list(prompts or [])
-    if prompts_file:
-        if not os.path.isfile(prompts_file):
-            raise FileNotFoundError(f"--prompts-file not found: {prompts_file}")
-        with open(prompts_file, encoding="utf-8") as f:
-            out += [ln.rstrip("\n") for ln in f if ln.strip()]
-    if not out:
-        raise ValueError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE")
-    return out
-
-
-def _atomic_save(path: str, write: Callable[[str], None]) -> None:
-    base, ext = os.path.splitext(path)
-    tmp = f"{base}.tmp{os.getpid()}{ext}"  # keep the extension: PIL picks the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-
-
-def sample_cli(ckpt, prompts=None, prompts_file=None, sampler="dpm-solver", steps=20, guidance=4.5, seed=0,
-               resolution=None, aspect_ratio=None, out="samples", vae=None, text_encoder=None, use_ema=True,
-               device=None, uncond: Optional[str] = None, batch_size: int = 8) -> int:
-    """`pixart-ds sample`: PNGs (one per prompt, image i seeded with seed + i), grid.png for several prompts and
-    samples.json recording every setting. Bad input raises a one-line ValueError/FileNotFoundError."""
-    from pixart_ds.diffusion.pipeline import build_sampling_model, resolve_checkpoint
-    from pixart_ds.model.encoders import load_text_encoder, load_vae
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise ValueError(f"--steps {steps}: must be >= 1")
-    prompt_list = _read_prompts(prompts, prompts_file)
-    ck = resolve_checkpoint(ckpt, use_ema=use_ema)
-    mc = ck.model_cfg
-    res = int(resolution or ck.resolution)
-    height, width = image_size(res, aspect_ratio, int(mc["patch_size"]), bool(mc.get("multi_scale", False)))
-    vae_path = vae or ck.vae
-    te_path = text_encoder or ck.text_encoder
-    if not vae_path:
-        raise ValueError(f"--vae is required: checkpoint {ckpt} names no VAE")
-    is_text = mc.get("condition", "text") == "text"
-    if is_text and not te_path:
-        raise ValueError(f"--text-encoder is required: checkpoint {ckpt} names no text encoder")
-    if uncond in (None, "auto"):
-        uncond = "null" if (ck.has_null_caption or not is_text) else "empty"
-    if uncond not in ("null", "empty") or (uncond == "empty" and not is_text):
-        raise ValueError(f"--uncond {uncond!r}: choose auto, null or (text models) empty")
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    tokenizer = te = None
-    if is_text:
-        tokenizer, te = load_text_encoder(te_path, dtype="bf16" if on_gpu else "fp32", device=device)
-        check_text_width(te, int(mc["caption_channels"]), te_path)
-    vae_model = load_vae(vae_path, dtype="fp32", device=device)
-    if int(vae_model.config.latent_channels) != int(mc.get("in_channels", 4)):
-        raise ValueError(f"VAE {vae_path}: latent_channels={vae_model.config.latent_channels} does not match the "
-                         f"model's in_channels={mc.get('in_channels', 4)}")
-    model = build_sampling_model(ck, device)
-    schedule = ck.schedule
-
-    t0 = time.time()
-    result = generate(model, mc, prompt_list, vae=vae_model, tokenizer=tokenizer, text_encoder=te, schedule=schedule,
-                      sampler=sampler, steps=steps, guidance=guidance,
-                      seeds=[seed + i for i in range(len(prompt_list))], height=height, width=width, uncond=uncond,
-                      device=device, batch_size=batch_size, autocast_dtype=torch.bfloat16 if on_gpu else None,
-                      progress=True, vae_scale=float(getattr(vae_model.config, "scaling_factor", 0.18215)))
-    seconds = time.time() - t0
-
-    os.makedirs(out, exist_ok=True)
-    pils = to_pil(result.images)
-    files = []
-    for i, im in enumerate(pils):
-        name = f"{i:04d}.png"
-        _atomic_save(os.path.join(out, name), im.save)
-        files.append(name)
-    if len(pils) > 1:
-        _atomic_save(os.path.join(out, "grid.png"), make_grid(pils).save)
-    record = {
-        "checkpoint": os.path.abspath(ckpt), "checkpoint_kind": ck.kind, "weights": ck.weights,
-        "use_ema": use_ema, "model": mc, "trained_resolution": ck.resolution,
-        "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "resolution": res,
-        "aspect_ratio": aspect_ratio, "height": height, "width": width,
-        "unconditional": {"null": "null caption y_embedding (drop=True)" if is_text else "null class (drop=True)",
-                          "empty": 'T5 features of ""'}[uncond],
-        "vae": os.path.abspath(vae_path), "text_encoder": os.path.abspath(te_path) if te_path else None,
-        "device": str(device), "precision": "bf16 autocast" if on_gpu else "fp32",
-        "scheduler": dict(make_scheduler(sampler, schedule, bool(mc.get("pred_sigma", True))).config),
-        "images": [{"file": f, "prompt": p, "seed": s} for f, p, s in zip(files, prompt_list, result.seeds)],
-        "grid": "grid.png" if len(pils) > 1 else None, "seconds": round(seconds, 3), "versions": _versions(),
-    }
-
-    def _write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2, default=str)
-
-    _atomic_save(os.path.join(out, "samples.json"), _write_json)
-    print(f"wrote {len(files)} image(s) to {out} ({sampler}, {steps} steps, guidance {guidance}, "
-          f"{height}x{width}, {seconds:.1f}s)")
-    return 0

@@ -110,7 +110,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if cu_seqlens_k is not None:
         if backend != "flash":
             raise ValueError("packed keys (cu_seqlens_k) need attention=flash")
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # optional: pip install 'pixart_ds[flash]'
 
         cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
         out = flash_attn_varlen_func(q.reshape(B * Lq, H, D), k, v, cu_q, cu_seqlens_k, Lq, max_seqlen_k)
@@ -118,7 +118,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "flash":
         if kv_mask is not None and not bool(kv_mask.all()):
             raise ValueError("attention=flash takes padded keys packed (cu_seqlens_k), not a dense mask")
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func  # optional: pip install 'pixart_ds[flash]'
 
         return flash_attn_func(q, k, v)
     if backend == "sdpa":

@@ -1,4 +1,4 @@
-"""Checkpoint interop: official PixArt-alpha .pth <-> ours <-> diffusers, and DiT -> PixArt re-parameterization.
+"""Checkpoint interop: official PixArt-alpha .pth <-> ours <-> diffusers (state-dict mapping and file formats).
 
 Our parameter names ARE the official ones (PixArt-alpha diffusion/model/nets/PixArt*.py; for adaln=block /
 condition=class the facebookresearch DiT models.py ones), so official <-> ours only unwraps/wraps `state_dict` and
@@ -7,7 +7,8 @@ drops/recomputes `pos_embed` (a frozen sin-cos table). Formats:
 - official: a torch .pth, {"state_dict": {...}} (a bare dict, or DiT's {"ema": ...}/{"model": ...}, is accepted on
   input). Carries no config: the architecture is inferred from tensor shapes, num_heads from the matching preset,
   the resolution from pos_embed; `--model-json` (a file or an inline JSON object) overrides any of it.
-- ours: a folder with model.safetensors (our names) + model.json (ModelConfig as a dict plus "resolution").
+- ours: a folder with model.safetensors (our names) + model.json (ModelConfig as a dict plus "resolution"):
+  pixart_ds.model.weights.
 - diffusers: a PixArtTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors, written with
   save_pretrained) or a pipeline folder with transformer/. diffusers has no null caption (its pipeline encodes ""
   instead), so we keep ours beside it in y_embedding.safetensors, which diffusers ignores; that keeps
@@ -30,132 +31,26 @@ Name mapping ours -> diffusers (scripts/convert_pixart_alpha_to_diffusers.py in 
   final_layer.scale_shift_table    -> scale_shift_table
   final_layer.linear               -> proj_out
 
-Re-parameterization (paper §2.3, code never released): `dit_to_pixart` turns a class-conditional DiT (our own
-stage-1 model, facebookresearch DiT key names, or a diffusers DiTTransformer2DModel) into a text-conditional
-adaLN-single PixArt whose every block modulation S_i = t_block(t_emb(t)) + E_i equals DiT's adaLN_i(t_emb(t))
-WITHOUT the class term at t = reparam_t (default 500), and likewise the final layer's (shift, scale).
+The DiT -> PixArt re-parameterization (paper §2.3) is pixart_ds.model.reparam.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Optional
 
 import torch
-from torch import nn
+from diffusers import PixArtTransformer2DModel
+from safetensors.torch import load_file, save_file
 
-from pixart_ds.model.presets import PRESETS
+from pixart_ds import config
+from pixart_ds.config import PRESETS, VAE_DOWNSAMPLE, ModelConfig
+from pixart_ds.fsutil import atomic_write, write_dir_atomic
+from pixart_ds.model.weights import _list, check_state_dict, shapes_of
 
-OURS_WEIGHTS = "model.safetensors"
-OURS_CONFIG = "model.json"
 DIFFUSERS_NULL_CAPTION = "y_embedding.safetensors"
-VAE_DOWNSAMPLE = 8
-
-
-# ================================================================================================================
-# Strict key/shape checking (never strict=False in silence)
-# ================================================================================================================
-
-def _list(items: list[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def check_state_dict(expected: dict, got: dict, source: str) -> None:
-    """expected/got: name -> tensor (or shape). Raise ValueError naming missing/unexpected keys and bad shapes."""
-    shape = lambda v: tuple(v.shape) if hasattr(v, "shape") else tuple(v)  # noqa: E731
-    missing = [f"{k} {list(shape(v))}" for k, v in expected.items() if k not in got]
-    unexpected = [f"{k} {list(shape(v))}" for k, v in got.items() if k not in expected]
-    mismatch = [f"{k}: file {list(shape(got[k]))} vs model {list(shape(v))}"
-                for k, v in expected.items() if k in got and shape(got[k]) != shape(v)]
-    if missing or unexpected or mismatch:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys: {_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys: {_list(unexpected)}")
-        if mismatch:
-            parts.append(f"{len(mismatch)} shape mismatches: {_list(mismatch)}")
-        raise ValueError(f"{source}: checkpoint does not match the model: " + "; ".join(parts))
-
-
-def load_state_dict_strict(model: nn.Module, sd: dict, source: str) -> None:
-    check_state_dict(model.state_dict(), sd, source)
-    model.load_state_dict(sd, strict=True)
-
-
-# ================================================================================================================
-# "ours": model.safetensors + model.json
-# ================================================================================================================
-
-def _atomic_write(path: str, write) -> None:
-    """write(tmp_path) then rename onto path, so a failure leaves no half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_ours(dir: str, model_cfg_dict: dict, state_dict: dict, resolution: int) -> None:
-    """Write an "ours" folder: model.safetensors (our names, tensors as given) + model.json (config + resolution)."""
-    from safetensors.torch import save_file
-
-    meta = dict(model_cfg_dict)
-    meta["resolution"] = int(resolution)
-    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    os.makedirs(dir, exist_ok=True)
-    _atomic_write(os.path.join(dir, OURS_WEIGHTS), lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(dir, OURS_CONFIG), lambda p: open(p, "w").write(json.dumps(meta, indent=2) + "\n"))
-
-
-def load_ours(dir: str) -> tuple[dict, int, dict]:
-    """-> (model_cfg_dict, resolution, state_dict)."""
-    from safetensors.torch import load_file
-
-    cfg_path, w_path = os.path.join(dir, OURS_CONFIG), os.path.join(dir, OURS_WEIGHTS)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: not found (an 'ours' folder holds {OURS_WEIGHTS} and {OURS_CONFIG})")
-    with open(cfg_path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
-    if "resolution" not in meta:
-        raise ValueError(f"{cfg_path}: resolution: missing (the image resolution in pixels)")
-    resolution = int(meta.pop("resolution"))
-    return meta, resolution, load_file(w_path)
-
-
-def build_from_dict(model_cfg_dict: dict, resolution: int, source: str = "model.json"):
-    """PixArt for a ModelConfig dict; pe_interpolation null = resolution / 512 (config.pe_interpolation)."""
-    from pixart_ds import config
-    from pixart_ds.model.pixart import PixArt
-
-    cfg = config._build(config.ModelConfig, dict(model_cfg_dict), "model", source)
-    if resolution % (VAE_DOWNSAMPLE * cfg.patch_size):
-        raise ValueError(f"{source}: resolution {resolution} is not a multiple of 8 x patch size")
-    pe = cfg.pe_interpolation if cfg.pe_interpolation is not None else resolution / 512
-    return PixArt(cfg, resolution // VAE_DOWNSAMPLE, pe)
-
-
-def load_model(dir: str, device="cpu"):
-    """An "ours" folder -> (PixArt in eval mode with the weights, strictly loaded, resolution)."""
-    cfg, resolution, sd = load_ours(dir)
-    model = build_from_dict(cfg, resolution, os.path.join(dir, OURS_CONFIG))
-    load_state_dict_strict(model, sd, os.path.join(dir, OURS_WEIGHTS))
-    return model.to(device).eval(), resolution
 
 
 # ================================================================================================================
@@ -250,24 +145,48 @@ def _torch_load(path: str) -> dict:
     return obj
 
 
-def read_official_with_pos(path: str) -> tuple[dict, Optional[torch.Tensor]]:
-    """official .pth -> (our state dict, its pos_embed or None). The wrapper is removed and pos_embed taken out: our
-    model recomputes it from the config; its shape tells the training resolution of a fixed-size model."""
-    obj = _torch_load(path)
-    for key in ("state_dict", "ema", "model"):  # PixArt release / DiT training checkpoint (EMA first, as DiT samples)
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
+# Where a checkpoint keeps its weight sets: PixArt's released weights and training checkpoints ("state_dict", plus
+# "state_dict_ema" in training checkpoints: official train.py save_checkpoint), DiT's training checkpoints ("model",
+# "ema": facebookresearch DiT train.py).
+WEIGHT_SETS = {"ema": ("state_dict_ema", "ema"), "raw": ("state_dict", "model")}
+
+
+def select_weights(obj: dict, path: str, weights: str = "auto") -> tuple[dict, str]:
+    """(the chosen weight set, a note saying which) of a checkpoint dict. weights: "ema" | "raw" | "auto" (the EMA
+    where the file holds one: it is what sampling and fine-tuning almost always want, as DiT samples from it)."""
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"--weights {weights!r}: expected ema, raw or auto")
+    found = {kind: next((k for k in keys if isinstance(obj.get(k), dict)), None) for kind, keys in WEIGHT_SETS.items()}
+    if not any(found.values()):
+        if weights != "auto":
+            raise ValueError(f"{path}: --weights {weights}: the file is a bare state dict with one weight set (no "
+                             f"{'/'.join(k for keys in WEIGHT_SETS.values() for k in keys)} entries)")
+        return obj, "the file's only weight set"
+    kind = ("ema" if found["ema"] else "raw") if weights == "auto" else weights
+    if not found[kind]:
+        have = ", ".join(f"{k} ({v!r})" for k, v in found.items() if v)
+        raise ValueError(f"{path}: --weights {kind}: no {kind.upper() if kind == 'ema' else kind} weights in the file "
+                         f"(it holds {have})")
+    others = [v for k, v in found.items() if v and k != kind]
+    note = f"{kind} weights ({found[kind]!r}" + (f"; the file also holds {others[0]!r})" if others else ")")
+    return obj[found[kind]], note
+
+
+def read_official_with_pos(path: str, weights: str = "auto") -> tuple[dict, Optional[torch.Tensor], str]:
+    """official .pth -> (our state dict, its pos_embed or None, which weight set). The wrapper is removed and
+    pos_embed taken out: our model recomputes it from the config; its shape tells the training resolution of a
+    fixed-size model."""
+    obj, note = select_weights(_torch_load(path), path, weights)
     bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if bad:
         raise ValueError(f"{path}: non-tensor entries {_list(bad)} (expected a state dict, or one under 'state_dict')")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-    return sd, sd.pop("pos_embed", None)
+    return sd, sd.pop("pos_embed", None), note
 
 
-def read_official(path: str) -> dict:
+def read_official(path: str, weights: str = "auto") -> dict:
     """official .pth -> our state dict (pos_embed dropped)."""
-    return read_official_with_pos(path)[0]
+    return read_official_with_pos(path, weights)[0]
 
 
 def _resolution_from_pos(pos: Optional[torch.Tensor], patch: int) -> Optional[int]:
@@ -283,7 +202,7 @@ def write_official(path: str, sd: dict, model) -> None:
     frozen nn.Parameter, so a strict official load expects it)."""
     out = {k: v.detach().cpu() for k, v in sd.items()}
     out["pos_embed"] = model.pos_embed.detach().cpu().clone()
-    _atomic_write(path, lambda p: torch.save({"state_dict": out}, p))
+    atomic_write(path, lambda p: torch.save({"state_dict": out}, p))
 
 
 # ================================================================================================================
@@ -320,7 +239,8 @@ def _check_diffusers_able(model_cfg, what: str):
         raise ValueError(f"{what}: diffusers' PixArtTransformer2DModel has MLP ratio 4, got {model_cfg.mlp_ratio}")
 
 
-def diffusers_config(model_cfg, resolution: int, pe_interpolation: float) -> dict:
+def diffusers_config(model_cfg: ModelConfig, resolution: int) -> dict:
+    """PixArtTransformer2DModel's config for our model trained at `resolution` px."""
     h = model_cfg.hidden_size
     return dict(num_attention_heads=model_cfg.num_heads, attention_head_dim=h // model_cfg.num_heads,
                 in_channels=model_cfg.in_channels,
@@ -328,7 +248,7 @@ def diffusers_config(model_cfg, resolution: int, pe_interpolation: float) -> dic
                 num_layers=model_cfg.depth, cross_attention_dim=h, attention_bias=True,
                 sample_size=resolution // VAE_DOWNSAMPLE, patch_size=model_cfg.patch_size,
                 activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=pe_interpolation,
+                norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=config.model_pe_interpolation(model_cfg, resolution),
                 use_additional_conditions=bool(model_cfg.multi_scale), caption_channels=model_cfg.caption_channels)
 
 
@@ -374,8 +294,6 @@ def _diffusers_dir(path: str) -> str:
 
 
 def _read_diffusers_weights(d: str) -> dict:
-    from safetensors.torch import load_file
-
     single = os.path.join(d, "diffusion_pytorch_model.safetensors")
     index = single + ".index.json"
     if os.path.isfile(single):
@@ -393,10 +311,8 @@ def _read_diffusers_weights(d: str) -> dict:
     raise FileNotFoundError(f"{d}: no diffusion_pytorch_model.safetensors (or sharded index, or .bin)")
 
 
-def read_diffusers(path: str, overrides: Optional[dict] = None) -> tuple[dict, int, dict]:
-    """diffusers PixArtTransformer2DModel folder -> (model_cfg_dict, resolution, our state dict)."""
-    from pixart_ds import config
-
+def read_diffusers(path: str, overrides: Optional[dict] = None) -> tuple[ModelConfig, int, dict]:
+    """diffusers PixArtTransformer2DModel folder -> (model config, resolution, our state dict)."""
     d = _diffusers_dir(path)
     with open(os.path.join(d, "config.json")) as f:
         dc = json.load(f)
@@ -434,48 +350,28 @@ def read_diffusers(path: str, overrides: Optional[dict] = None) -> tuple[dict, i
         raise ValueError(f"{src}: out_channels {out_ch} is neither in_channels nor 2 x in_channels ({in_ch})")
     null_path = os.path.join(d, DIFFUSERS_NULL_CAPTION)
     if os.path.isfile(null_path):
-        from safetensors.torch import load_file
-
         y_emb = load_file(null_path)["y_embedding"]
         cfg["max_text_tokens"] = y_emb.shape[0]
     else:
         cfg.update({k: v for k, v in (overrides or {}).items() if k == "max_text_tokens"})
-        L = cfg.get("max_text_tokens", config.ModelConfig.max_text_tokens)
+        L = cfg.get("max_text_tokens", config.MAX_TEXT_TOKENS)
         print(f"pixart-ds convert: {d} has no {DIFFUSERS_NULL_CAPTION}; the null caption y_embedding "
               f"[{L}, {cfg['caption_channels']}] is initialised as the official code does (randn / sqrt(C), seed 0)",
               file=sys.stderr)
         g = torch.Generator().manual_seed(0)
         y_emb = torch.randn(L, cfg["caption_channels"], generator=g) / cfg["caption_channels"] ** 0.5
     cfg.update(overrides or {})
-    mc = config._build(config.ModelConfig, dict(cfg), "model", src)
+    mc = config.model_from_dict(cfg, src)
     dsd = _read_diffusers_weights(d)
-    expected = ours_to_diffusers({k: v for k, v in _shapes_of(mc, sample).items()}, mc)
+    expected = ours_to_diffusers(shapes_of(mc, sample), mc)
     check_state_dict(expected, dsd, d)
-    return cfg, sample * VAE_DOWNSAMPLE, diffusers_to_ours(dsd, mc, y_emb.to(dsd["proj_out.weight"].dtype))
+    return mc, sample * VAE_DOWNSAMPLE, diffusers_to_ours(dsd, mc, y_emb.to(dsd["proj_out.weight"].dtype))
 
 
-def _shapes_of(model_cfg, input_size: int) -> dict:
-    """Our state-dict shapes for a config, from a meta-device model (no memory)."""
-    from pixart_ds.model.pixart import PixArt
-
-    with torch.device("meta"):
-        m = PixArt(dataclass_replace(model_cfg, attention="sdpa"), input_size, 1.0)
-    return m.state_dict()
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
-
-
-def write_diffusers(path: str, sd: dict, model_cfg, resolution: int, pe_interpolation: float) -> None:
+def write_diffusers(path: str, sd: dict, model_cfg: ModelConfig, resolution: int) -> None:
     """Save with diffusers' own save_pretrained (so from_pretrained reads it back) + our null caption beside."""
-    from diffusers import PixArtTransformer2DModel
-    from safetensors.torch import save_file
-
     dsd = ours_to_diffusers(sd, model_cfg)
-    dcfg = diffusers_config(model_cfg, resolution, pe_interpolation)
+    dcfg = diffusers_config(model_cfg, resolution)
     with torch.device("meta"):
         dm = PixArtTransformer2DModel(**dcfg)
     check_state_dict(dm.state_dict(), dsd, "--to diffusers")
@@ -486,294 +382,3 @@ def write_diffusers(path: str, sd: dict, model_cfg, resolution: int, pe_interpol
                   os.path.join(tmp, DIFFUSERS_NULL_CAPTION))))
 
 
-def write_dir_atomic(path: str, write) -> None:
-    """write(tmp_dir) then rename it to `path`; refuses a non-empty existing `path`."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise ValueError(f"{path}: output exists and is not empty; remove it or choose another path")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp.", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ================================================================================================================
-# DiT -> PixArt re-parameterization (paper §2.3)
-# ================================================================================================================
-
-class _DiTView:
-    """What the re-parameterization needs from a DiT-like source, in our names, plus its modulation functions.
-
-    shared: tensors copied as they are (patch embed, timestep embedder, self-attention, MLP, final projection).
-    t_block: (weight [6H, H], bias [6H]) initial global MLP. mods(t) -> [depth, 6, H] and final(t) -> [2, H]:
-    the source's modulation vectors at timestep t WITHOUT the class term, in float64.
-    """
-
-    def __init__(self, cfg: dict, input_size: int, pe_interpolation: float, shared: dict, t_block, mods, final):
-        self.cfg, self.input_size, self.pe_interpolation = cfg, input_size, pe_interpolation
-        self.shared, self.t_block, self.mods, self.final = shared, t_block, mods, final
-
-
-_SHARED = re.compile(r"^(x_embedder\.|t_embedder\.|final_layer\.linear\.|blocks\.\d+\.(attn|mlp)\.)")
-
-
-def _view_of_ours(model) -> _DiTView:
-    """Our class-conditional PixArt (adaln block or single; stage 1)."""
-    m = model.cfg
-    if m.condition != "class":
-        raise ValueError(f"dit_to_pixart: the source must be class-conditional, got condition={m.condition}")
-    if m.multi_scale:
-        raise ValueError("dit_to_pixart: a multi-scale source is not supported")
-    ref = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
-    sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-    shared = {k: v for k, v in sd.items() if _SHARED.match(k)}
-    if m.adaln == "block":  # the mean of the per-block MLPs as the one global MLP
-        tb = (torch.stack([sd[f"blocks.{i}.adaLN_modulation.1.weight"] for i in range(m.depth)]).mean(0),
-              torch.stack([sd[f"blocks.{i}.adaLN_modulation.1.bias"] for i in range(m.depth)]).mean(0))
-    else:
-        tb = (sd["t_block.1.weight"], sd["t_block.1.bias"])
-
-    @torch.no_grad()
-    def temb(t):
-        return ref.t_embedder(torch.tensor([float(t)], dtype=torch.float64))  # [1, H], no class term
-
-    @torch.no_grad()
-    def mods(t):
-        c = temb(t)
-        inp = ref.t_block(c) if m.adaln == "single" else c
-        return torch.cat([b.modulation(inp) for b in ref.blocks])  # [depth, 6, H]
-
-    @torch.no_grad()
-    def final(t):
-        return ref.final_layer.modulation(temb(t))[0]  # [2, H]
-
-    import dataclasses
-    return _DiTView(dataclasses.asdict(m), model.input_size, model.pe_interpolation, shared, tb, mods, final)
-
-
-def _view_of_diffusers_dit(dm) -> _DiTView:
-    """A diffusers DiTTransformer2DModel (each block has its own timestep embedder; block 0's also feeds the final
-    layer, as in its forward). Its sinusoid uses downscale_freq_shift=1; we evaluate it with its own modules."""
-    c = dm.config
-    if c.norm_eps != 1e-6:
-        print(f"pixart-ds convert: DiT config norm_eps={c.norm_eps} for its MLP LayerNorm; PixArt (and the original "
-              f"DiT) use 1e-6", file=sys.stderr)
-    H = c.num_attention_heads * c.attention_head_dim
-    depth = c.num_layers
-    # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts meant for inference
-    ref = nn.Module.to(copy.deepcopy(dm), device="cpu", dtype=torch.float64).eval()
-    dsd = {k: v.detach().float().cpu().clone() for k, v in dm.state_dict().items()}
-    b0 = "transformer_blocks.0.norm1.emb.timestep_embedder"
-    shared = {"x_embedder.proj.weight": dsd["pos_embed.proj.weight"], "x_embedder.proj.bias": dsd["pos_embed.proj.bias"],
-              "t_embedder.mlp.0.weight": dsd[f"{b0}.linear_1.weight"], "t_embedder.mlp.0.bias": dsd[f"{b0}.linear_1.bias"],
-              "t_embedder.mlp.2.weight": dsd[f"{b0}.linear_2.weight"], "t_embedder.mlp.2.bias": dsd[f"{b0}.linear_2.bias"],
-              "final_layer.linear.weight": dsd["proj_out_2.weight"], "final_layer.linear.bias": dsd["proj_out_2.bias"]}
-    for i in range(depth):
-        d = f"transformer_blocks.{i}"
-        for s in ("weight", "bias"):
-            shared[f"blocks.{i}.attn.qkv.{s}"] = torch.cat([dsd[f"{d}.attn1.to_{x}.{s}"] for x in "qkv"], dim=0)
-            shared[f"blocks.{i}.attn.proj.{s}"] = dsd[f"{d}.attn1.to_out.0.{s}"]
-            shared[f"blocks.{i}.mlp.fc1.{s}"] = dsd[f"{d}.ff.net.0.proj.{s}"]
-            shared[f"blocks.{i}.mlp.fc2.{s}"] = dsd[f"{d}.ff.net.2.{s}"]
-    tb = (torch.stack([dsd[f"transformer_blocks.{i}.norm1.linear.weight"] for i in range(depth)]).mean(0),
-          torch.stack([dsd[f"transformer_blocks.{i}.norm1.linear.bias"] for i in range(depth)]).mean(0))
-
-    def temb(block, t):
-        e = block.norm1.emb
-        return e.timestep_embedder(e.time_proj(torch.tensor([float(t)], dtype=torch.float64)).to(torch.float64))
-
-    @torch.no_grad()
-    def mods(t):
-        return torch.cat([b.norm1.linear(torch.nn.functional.silu(temb(b, t))).reshape(1, 6, H)
-                          for b in ref.transformer_blocks])
-
-    @torch.no_grad()
-    def final(t):
-        return ref.proj_out_1(torch.nn.functional.silu(temb(ref.transformer_blocks[0], t))).reshape(2, H)
-
-    out_ch = c.out_channels or c.in_channels
-    preset = _preset_for(depth, H, c.patch_size)
-    cfg = dict(preset=preset or "PixArt-XL/2", depth=depth, hidden_size=H, num_heads=c.num_attention_heads,
-               patch_size=c.patch_size, mlp_ratio=4.0, in_channels=c.in_channels,
-               pred_sigma=out_ch == 2 * c.in_channels, adaln="block", condition="class",
-               num_classes=c.num_embeds_ada_norm, pe_interpolation=1.0)
-    return _DiTView(cfg, c.sample_size, 1.0, shared, tb, mods, final)
-
-
-def load_dit(path: str, overrides: Optional[dict] = None) -> _DiTView:
-    """--from dit input: facebookresearch .pt/.pth, a diffusers DiTTransformer2DModel (or pipeline) folder, or
-    an "ours" folder holding a class-conditional model."""
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, OURS_CONFIG)):
-            model, _ = load_model(path)
-            return _view_of_ours(model)
-        d = _diffusers_dir(path)
-        with open(os.path.join(d, "config.json")) as f:
-            cls = json.load(f).get("_class_name")
-        if cls not in ("DiTTransformer2DModel", "Transformer2DModel"):
-            raise ValueError(f"{d}/config.json: _class_name {cls!r} is not a DiT transformer")
-        from diffusers import DiTTransformer2DModel
-
-        return _view_of_diffusers_dit(DiTTransformer2DModel.from_pretrained(d))
-    sd, pos = read_official_with_pos(path)
-    cfg = infer_model_config(sd, path, overrides)
-    if cfg.get("condition") != "class":
-        raise ValueError(f"{path}: not a class-conditional DiT checkpoint (no y_embedder.embedding_table.weight)")
-    # facebookresearch DiT's grid: pos = token index (PatchEmbed without interpolation) -> pe_interpolation 1
-    cfg.setdefault("pe_interpolation", 1.0)
-    res = _resolution_from_pos(pos, cfg["patch_size"])
-    if res is None:
-        raise ValueError(f"{path}: cannot infer the resolution (no square pos_embed in the checkpoint)")
-    model = build_from_dict(cfg, res, path)
-    load_state_dict_strict(model, sd, path)
-    return _view_of_ours(model)
-
-
-@torch.no_grad()
-def dit_to_pixart(dit, target_cfg=None, reparam_t: int = 500, seed: int = 0):
-    """Re-parameterize a class-conditional DiT into a text-conditional adaLN-single PixArt (paper §2.3).
-
-    dit: our class-conditional PixArt module (stage 1), a diffusers DiTTransformer2DModel, a path (see load_dit),
-      or a _DiTView.
-    target_cfg: ModelConfig (or dict) of the new model; defaults to the source's sizes with adaln=single,
-      condition=text and the default caption settings. Sizes must match the source; adaln must be single,
-      condition text, multi_scale off.
-    Returns a float32 PixArt (CPU) whose
-      - patch embedding, timestep embedder, self-attention, MLP and final projection are the source's;
-      - t_block starts as the mean of the source's per-block adaLN MLPs (the paper leaves this open; the mean keeps
-        each block's t-dependence close to its own) or the source's t_block if it is adaLN-single already;
-      - E_i = DiT_i(t*) - t_block(t_emb(t*)) per block and F = DiT_final(t*) - t_emb(t*), computed in float64, so
-        every modulation equals the source's without class term at t* = reparam_t;
-      - caption projection, cross-attention q/kv are freshly initialised (seeded), cross-attention proj zero:
-        the new model's output at t* equals DiT's with the class term removed, for any caption.
-    """
-    from pixart_ds import config
-    from pixart_ds.model.pixart import PixArt
-
-    if isinstance(dit, _DiTView):
-        view = dit
-    elif isinstance(dit, (str, os.PathLike)):
-        view = load_dit(os.fspath(dit))
-    elif isinstance(dit, PixArt):
-        view = _view_of_ours(dit)
-    elif type(dit).__name__ == "DiTTransformer2DModel":
-        view = _view_of_diffusers_dit(dit)
-    else:
-        raise ValueError(f"dit_to_pixart: unsupported source {type(dit).__name__}")
-
-    src = view.cfg
-    if target_cfg is None:
-        tgt = {k: src[k] for k in ("preset", "depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio",
-                                   "in_channels", "pred_sigma")}
-        tgt.update(adaln="single", condition="text", pe_interpolation=view.pe_interpolation)
-        target_cfg = tgt
-    if isinstance(target_cfg, dict):
-        target_cfg = config._build(config.ModelConfig, dict(target_cfg), "model", "dit_to_pixart target")
-    for k in ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "in_channels", "pred_sigma"):
-        if getattr(target_cfg, k) != src[k]:
-            raise ValueError(f"dit_to_pixart: target model.{k} = {getattr(target_cfg, k)} but the DiT source has "
-                             f"{src[k]}")
-    if target_cfg.adaln != "single" or target_cfg.condition != "text" or target_cfg.multi_scale:
-        raise ValueError("dit_to_pixart: the target must be adaln=single, condition=text, multi_scale=false")
-    pe = target_cfg.pe_interpolation if target_cfg.pe_interpolation is not None else view.pe_interpolation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = PixArt(target_cfg, view.input_size, pe).float()
-    sd = model.state_dict()
-    check_state_dict({k: v for k, v in sd.items() if _SHARED.match(k)}, view.shared, "dit_to_pixart (shared weights)")
-    for k, v in view.shared.items():
-        sd[k] = v.to(torch.float32).clone()
-    H = target_cfg.hidden_size
-    sd["t_block.1.weight"], sd["t_block.1.bias"] = (x.to(torch.float32).clone() for x in view.t_block)
-
-    # the new model's own t_emb(t*) and t_block(t_emb(t*)), in float64, with the weights just set
-    ref = PixArt(dataclass_replace(target_cfg, attention="math"), view.input_size, pe).to(torch.float64)
-    ref.load_state_dict({k: v.to(torch.float64) for k, v in sd.items()}, strict=True)
-    t = torch.tensor([float(reparam_t)], dtype=torch.float64)
-    temb = ref.t_embedder(t)  # [1, H]
-    s = ref.t_block(temb).reshape(6, H)
-    mods = view.mods(reparam_t)  # [depth, 6, H]
-    for i in range(target_cfg.depth):
-        sd[f"blocks.{i}.scale_shift_table"] = (mods[i] - s).to(torch.float32)
-    sd["final_layer.scale_shift_table"] = (view.final(reparam_t) - temb).to(torch.float32)  # [2, H]
-    for i in range(target_cfg.depth):  # new text path starts silent (official init; asserted for clarity)
-        sd[f"blocks.{i}.cross_attn.proj.weight"].zero_()
-        sd[f"blocks.{i}.cross_attn.proj.bias"].zero_()
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
-# ================================================================================================================
-# CLI entry: pixart-ds convert --from X --to Y IN OUT
-# ================================================================================================================
-
-def _save_model_json_cfg(model) -> dict:
-    import dataclasses
-
-    d = dataclasses.asdict(model.cfg)
-    d["pe_interpolation"] = model.pe_interpolation  # explicit, so the folder does not depend on the derivation
-    return d
-
-
-def convert_file(src: str, dst: str, inp: str, out: str, reparam_t: int = 500, resolution: Optional[int] = None,
-                 model_json=None) -> int:
-    """Convert a checkpoint between formats; every load is strict (missing/unexpected/mis-shaped keys refused)."""
-    overrides = _read_model_json(model_json)
-    res_override = overrides.pop("resolution", None)
-    resolution = resolution or res_override
-    if os.path.abspath(inp) == os.path.abspath(out):
-        raise ValueError(f"{out}: output is the input")
-
-    if src == "dit":
-        if dst not in ("ours", "official", "diffusers"):
-            raise ValueError(f"--to {dst}: not supported for --from dit")
-        view = load_dit(inp)
-        tgt = {k: view.cfg[k] for k in ("preset", "depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio",
-                                        "in_channels", "pred_sigma")}
-        tgt.update(adaln="single", condition="text", pe_interpolation=view.pe_interpolation)
-        tgt.update(overrides)
-        model = dit_to_pixart(view, tgt, reparam_t=reparam_t)
-        if resolution and resolution // VAE_DOWNSAMPLE != view.input_size:
-            raise ValueError(f"--resolution {resolution} differs from the DiT's {view.input_size * VAE_DOWNSAMPLE}")
-        resolution = view.input_size * VAE_DOWNSAMPLE
-        sd = model.state_dict()
-    else:
-        if src == "ours":
-            cfg_d, res, sd = load_ours(inp)
-            cfg_d.update(overrides)
-        elif src == "official":
-            sd, pos = read_official_with_pos(inp)
-            cfg_d = infer_model_config(sd, inp, overrides)
-            res = _resolution_from_pos(pos, cfg_d["patch_size"])
-        elif src == "diffusers":
-            cfg_d, res, sd = read_diffusers(inp, overrides)
-        else:
-            raise ValueError(f"--from {src}: unknown format")
-        if resolution:
-            res = int(resolution)
-        if not res:
-            raise ValueError(f"{inp}: the resolution cannot be inferred; give --resolution (pixels)")
-        resolution = res
-        model = build_from_dict(cfg_d, resolution, inp)
-        load_state_dict_strict(model, sd, inp)
-        sd = model.state_dict()
-
-    if dst == "ours":
-        write_dir_atomic(out, lambda tmp: save_ours(tmp, _save_model_json_cfg(model), sd, resolution))
-    elif dst == "official":
-        write_official(out, sd, model)
-    elif dst == "diffusers":
-        write_diffusers(out, sd, model.cfg, resolution, model.pe_interpolation)
-    else:
-        raise ValueError(f"--to {dst}: unknown format")
-    n = sum(v.numel() for k, v in sd.items())
-    print(f"pixart-ds convert: {src} {inp} -> {dst} {out} ({len(sd)} tensors, {n:,} values, "
-          f"{model.cfg.adaln}/{model.cfg.condition}{'/multi-scale' if model.cfg.multi_scale else ''}, "
-          f"{resolution} px)")
-    return 0

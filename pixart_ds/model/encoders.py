@@ -1,8 +1,8 @@
 """Frozen encoders through the libraries made for them: T5 (transformers) and the SD VAE (diffusers).
 
 Both load from local folders with `from_pretrained(..., local_files_only=True)`; nothing downloads at run time.
-`make_tiny_t5` / `make_tiny_vae` build small random ones with the same classes and file layout, for tests and the
-demo, so every caller goes through the real loading path.
+`make_tiny_t5` builds a small random T5 with the same classes and file layout, for the demo and tests (the tests'
+small VAE is pixart_ds.testing.make_tiny_vae), so every caller goes through the real loading path.
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import os
 import warnings
 
 import torch
+from diffusers import AutoencoderKL
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-MAX_TEXT_TOKENS = 120  # paper §2.4: 120 T5 tokens instead of CLIP's 77
-VAE_SCALE = 0.18215  # SD's sd-vae-ft-ema latent scale
+from pixart_ds.config import MAX_TEXT_TOKENS, VAE_SCALE
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,7 +36,6 @@ def clean_caption(text: str) -> str:
 
 def load_text_encoder(path: str, dtype="bf16", device="cpu"):
     """(tokenizer, T5EncoderModel) from a local folder, in eval mode, requires_grad off."""
-    from transformers import AutoTokenizer, T5EncoderModel
 
     _require_dir(path, "text encoder")
     tok_dir, model_dir = path, path
@@ -72,8 +73,6 @@ def encode_text(tokenizer, model, captions: list[str], max_length: int = MAX_TEX
 
 
 def load_vae(path: str, dtype="fp32", device="cpu"):
-    from diffusers import AutoencoderKL
-
     _require_dir(path, "VAE")
     if os.path.isfile(os.path.join(path, "vae", "config.json")):  # a diffusers pipeline folder
         path = os.path.join(path, "vae")
@@ -112,8 +111,6 @@ def _tiny_tokenizer():
     """A SentencePiece-style Unigram tokenizer over a fixed vocabulary: every word of _TINY_WORDS is one piece
     ("▁red"), as a real T5 tokenizer keeps common words whole; any other text falls back to single characters
     (never <unk> for printable ASCII). Built from an explicit vocabulary, so it is the same on every machine."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"]
     words = list(dict.fromkeys(_TINY_WORDS.split()))
@@ -140,9 +137,8 @@ def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: i
     and "a red circle on a blue background" encodes almost as "a blue circle on a red background": no model reading
     it can tell which colour is whose. A pretrained T5's features are contextual; with the prior each word's
     features carry its neighbours ("blue" before "background" differs from "blue" before "circle"), which is what
-    a small stand-in for it needs (the demo, pixart_ds/train/demo.py DEMO_T5).
+    a small stand-in for it needs (the demo, pixart_ds/commands/demo.py DEMO_T5).
     """
-    from transformers import T5Config, T5EncoderModel
 
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed)
@@ -164,21 +160,4 @@ def make_tiny_t5(path: str, d_model: int = 32, num_layers: int = 2, num_heads: i
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
-
-
-def make_tiny_vae(path: str, latent_channels: int = 4, block_out_channels=(16, 16, 16, 16), seed: int = 0) -> str:
-    """Save a random AutoencoderKL with the SD layout (downsample 8 for 4 blocks) that `load_vae(path)` reads."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    n = len(block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_out_channels), layers_per_block=1, norm_num_groups=min(8, block_out_channels[0]),
-        sample_size=64, scaling_factor=VAE_SCALE,
-    ).eval()
-    os.makedirs(path, exist_ok=True)
-    vae.save_pretrained(path)
     return path

@@ -24,10 +24,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from pixart_ds.model.attention import CrossAttention, SelfAttention, TextContext, check_backend, make_text_context, \
-    resolve_backend
-from pixart_ds.model.layers import CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, SizeEmbedder, \
-    TimestepEmbedder, modulate
+from pixart_ds import config
+from pixart_ds.model.attention import (CrossAttention, SelfAttention, TextContext, check_backend, make_text_context,
+                                       resolve_backend)
+from pixart_ds.model.layers import (CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, SizeEmbedder,
+                                    TimestepEmbedder, modulate)
 from pixart_ds.model.pos_embed import sincos_2d
 
 
@@ -251,7 +252,6 @@ class PixArt(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(cfg) -> PixArt:
     """The model a recipe describes (latent size and positional-embedding scale derived in config.py)."""
-    from pixart_ds import config
 
     return PixArt(cfg.model, config.latent_size(cfg), config.pe_interpolation(cfg))
 
@@ -300,7 +300,6 @@ def model_info(preset: str = "PixArt-XL/2", adaln: str = "single", condition: st
     adaLN-single 615.6M rather than 611M, so the two figures in the paper were likely logged under different
     settings. We count trainable parameters only.
     """
-    from pixart_ds import config
 
     if preset not in config.PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (known: {', '.join(config.PRESETS)})")

@@ -4,7 +4,7 @@ PixArt (official train.py, `update_ema(model_ema, model, 0.9999)`, following DiT
 ema <- decay * ema + (1 - decay) * theta after every optimizer update, starting from a copy of the initial weights.
 
 Under ZeRO-2 the module's parameters are replicated on every rank (only gradients and optimizer state are
-partitioned: stack-notes), so the EMA is a plain fp32 copy of the module's state. It is kept on rank 0 only (the
+partitioned: docs/stack.md), so the EMA is a plain fp32 copy of the module's state. It is kept on rank 0 only (the
 rank that writes the checkpoint's client state and the sample grids), which saves its memory (4 bytes/parameter,
 2.4 GB at XL/2) on every other rank. With bf16 training the module holds bf16 weights (the fp32 masters live in
 the optimizer partitions); averaging the bf16-rounded weights in fp32 adds rounding noise of zero mean that the

@@ -15,25 +15,31 @@ sample grids). Event records carry "event": "start" | "resume" | "checkpoint" | 
 "corrupt_data" | "rank_lost".
 A resumed run appends: a step may appear twice (before the kill and after the resume); readers keep the last.
 
-MFU = model FLOPs per image (pixart_ds.bench.flops, if present) x images/s per GPU / the GPU's peak (bench.hardware).
+MFU = model FLOPs per image (pixart_ds.model.flops) x images/s per GPU / the GPU's peak (pixart_ds.hardware). The
+counters (images seen, skipped steps and samples) are the run's TrainState (train/state.py); this module reports them.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import resource
 import sys
 import time
 from typing import Optional
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pixart_ds import config as C
+from pixart_ds.hardware import peak_for_name
+from pixart_ds.model.flops import train_flops_per_image
+from pixart_ds.train.state import TrainState
 
 
 def _flops_per_image(cfg) -> Optional[float]:
-    try:
-        from pixart_ds.bench.flops import train_flops_per_image
-    except ImportError:
-        return None
     try:
         return float(train_flops_per_image(cfg))
     except Exception:  # an architecture the counter does not know: MFU is optional
@@ -43,10 +49,6 @@ def _flops_per_image(cfg) -> Optional[float]:
 def _peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    try:
-        from pixart_ds.bench.hardware import peak_for_name
-    except ImportError:
-        return None
     _, peak_tflops, _ = peak_for_name(torch.cuda.get_device_name(device))
     return peak_tflops * 1e12 if peak_tflops else None
 
@@ -54,8 +56,6 @@ def _peak_flops(device: torch.device) -> Optional[float]:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
@@ -67,17 +67,14 @@ def _clean(v):
 
 
 class Metrics:
-    """Rank 0 writes; on other ranks every method is a no-op (they still count skipped steps)."""
+    """Rank 0 writes; on other ranks every method is a no-op."""
 
-    def __init__(self, cfg, run_dir: str, rank: int, world_size: int, device: torch.device, start_step: int,
-                 images_seen: int = 0):
+    def __init__(self, cfg: C.Config, run_dir: str, rank: int, world_size: int, device: torch.device,
+                 start_step: int):
         self.cfg = cfg
         self.enabled = rank == 0
         self.world_size = world_size
         self.every = max(1, int(cfg.log.every_steps))
-        self.images_seen = int(images_seen)
-        self.skipped_total = 0
-        self.data_skipped_total = 0  # corrupt samples replaced (data.on_corrupt=skip), all ranks
         self._interval_loss: list[float] = []
         self._interval_images = 0.0
         self._interval_seconds = 0.0
@@ -95,30 +92,26 @@ class Metrics:
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         if cfg.log.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard is a separate package
 
                 self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             except ImportError as e:  # tensorboard is a dependency; tolerate its absence but say so
                 print(f"pixart-ds train: TensorBoard disabled ({e})", file=sys.stderr)
         if cfg.log.wandb:
             try:
-                import wandb  # noqa: F401
+                import wandb  # noqa: F401  (optional: `pip install pixart_ds[wandb]`)
             except ImportError:
                 print("pixart-ds train: log.wandb is true but wandb is not installed; skipping W&B",
                       file=sys.stderr)
             else:
                 self._wandb = self._init_wandb(run_dir)
         if cfg.log.progress_bar:
-            from tqdm import tqdm
-
             tty = sys.stderr.isatty()
             self._bar = tqdm(total=cfg.train.total_steps, initial=start_step, desc=cfg.name, unit="step",
                              dynamic_ncols=True, mininterval=0.5 if tty else 30.0, file=sys.stderr)
 
     def _init_wandb(self, run_dir):
-        import wandb
-
-        from pixart_ds import config as C
+        import wandb  # optional (see __init__)
 
         id_path = os.path.join(run_dir, "wandb_id")
         if os.path.exists(id_path):
@@ -143,12 +136,10 @@ class Metrics:
         if self._bar is not None and kind in ("checkpoint", "resume", "stop", "nonfinite"):
             self._bar.write(f"[step {step}] {kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
-    def step(self, step: int, out: dict, seconds: float, sample_idx: Optional[list] = None) -> None:
-        """Record one optimizer step (`out` from train_step; `seconds` of data loading + compute)."""
-        self.images_seen += int(out["images"])
-        self.skipped_total += int(out["skipped"])
+    def step(self, state: TrainState, out: dict, seconds: float, sample_idx: Optional[list] = None) -> None:
+        """Record optimizer step `state.step` (`out` from train_step; `seconds` of data loading + compute)."""
+        step = state.step
         data_skipped = int(out.get("data_skipped", 0))
-        self.data_skipped_total += data_skipped
         if not self.enabled:
             return
         self._interval_loss.append(out["loss"])
@@ -162,10 +153,10 @@ class Metrics:
         ips = self._interval_images / max(self._interval_seconds, 1e-9) / self.world_size
         rec = {"step": step, "loss": out["loss"], "mse": out["mse"], "vb": out["vb"], "grad_norm": out["grad_norm"],
                "lr": out["lr"], "loss_avg": sum(self._interval_loss) / len(self._interval_loss),
-               "images_seen": self.images_seen, "images_per_s_per_gpu": ips,
+               "images_seen": state.images_seen, "images_per_s_per_gpu": ips,
                "peak_mem_gib": peak_memory_gib(self.device), "skipped": out["skipped"],
-               "skipped_total": self.skipped_total, "data_skipped": data_skipped,
-               "data_skipped_total": self.data_skipped_total, "time": time.time()}
+               "skipped_total": state.skipped_total, "data_skipped": data_skipped,
+               "data_skipped_total": state.data_skipped_total, "time": time.time()}
         if "loss_scale" in out:
             rec["loss_scale"] = out["loss_scale"]
         if self.flops_per_image and self.peak_flops:
@@ -191,14 +182,11 @@ class Metrics:
     def image(self, tag: str, path: str, step: int) -> None:
         if self._tb is not None:
             try:
-                import numpy as np
-                from PIL import Image
-
                 self._tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
             except Exception as e:  # a grid that cannot be shown must not stop training
                 print(f"pixart-ds train: could not log {path} to TensorBoard: {e}", file=sys.stderr)
         if self._wandb is not None:
-            import wandb
+            import wandb  # optional (see __init__)
 
             self._wandb.log({tag: wandb.Image(path)}, step=step)
 

@@ -11,50 +11,27 @@ the world size by config.batch_plan):
 
 `engine.step()` is called after EVERY micro-batch: DeepSpeed counts micro-batches itself and runs the optimizer
 only at the accumulation boundary; calling backward several times before one step would make ZeRO-2 drop the
-earlier gradients (stack-notes). DeepSpeed scales each micro-batch loss by 1/accumulation, so the update uses the
+earlier gradients (docs/stack.md). DeepSpeed scales each micro-batch loss by 1/accumulation, so the update uses the
 mean gradient over the global batch.
 
 Non-finite loss or gradients: DeepSpeed's overflow check (bf16 check_grad_overflow, fp16 loss scaling, fp32
 invalid-norm check in ZeRO) skips the update; `skipped` reports it and `nonfinite` says whether it counts towards
 train.max_nonfinite_steps (fp16 loss-scale search skips are normal while the loss is finite).
 
-Test hook (reliability tests, issue 9): PIXART_DS_INJECT_NAN_AT_STEP="N", "N-M" or "N,M,..." makes rank 0's loss
-NaN at those (1-based) optimizer steps, so the gradients of every rank become non-finite after the reduction.
+`poison_loss` (fault injection, train/faults.py) makes this rank's loss NaN, so the gradients of every rank become
+non-finite after the reduction.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.distributed as tdist
 
+from pixart_ds import dist
 from pixart_ds.diffusion.losses import training_losses
 from pixart_ds.train import zero
-
-INJECT_NAN_ENV = "PIXART_DS_INJECT_NAN_AT_STEP"
-
-
-def _parse_steps(spec: str) -> set[int]:
-    out: set[int] = set()
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            out.update(range(int(lo), int(hi) + 1))
-        else:
-            out.add(int(part))
-    return out
-
-
-def _inject_nan(step: int) -> bool:
-    spec = os.environ.get(INJECT_NAN_ENV)
-    if not spec:
-        return False
-    rank = tdist.get_rank() if tdist.is_initialized() else 0
-    return rank == 0 and step in _parse_steps(spec)
 
 
 def model_inputs(batch: dict, cfg, device: torch.device, dtype: torch.dtype) -> dict:
@@ -81,7 +58,8 @@ def current_lr(engine) -> float:
     return float(engine.optimizer.param_groups[0]["lr"])
 
 
-def train_step(engine, batch, schedule, cfg, generator: Optional[torch.Generator] = None) -> dict:
+def train_step(engine, batch, schedule, cfg, generator: Optional[torch.Generator] = None,
+               poison_loss: bool = False) -> dict:
     """One optimizer step over `batch`: a list of `engine.gradient_accumulation_steps()` micro-batch dicts (a
     single dict when accumulation is 1). Returns floats averaged over the GLOBAL batch (all ranks):
     loss, mse, vb, grad_norm (before clipping), lr (used by this update), skipped (1.0 if the update was skipped),
@@ -93,8 +71,6 @@ def train_step(engine, batch, schedule, cfg, generator: Optional[torch.Generator
     device = engine.device
     dtype = zero.engine_dtype(engine)
     gen_device = generator.device if generator is not None else device
-    step_no = int(engine.global_steps) + 1  # 1-based number of the update being computed (restored on resume)
-    inject = _inject_nan(step_no)
     lr = current_lr(engine)
 
     engine.train()
@@ -109,7 +85,7 @@ def train_step(engine, batch, schedule, cfg, generator: Optional[torch.Generator
         out = engine(x_t.to(dtype), t, **model_inputs(mb, cfg, device, dtype))  # [B, 2C, h, w]
         losses = training_losses(out, x0, x_t, t, noise, schedule, pred_sigma=cfg.model.pred_sigma)
         loss = losses["loss"].mean()
-        if inject:
+        if poison_loss:
             loss = loss * float("nan")
         engine.backward(loss)
         engine.step()
@@ -117,7 +93,7 @@ def train_step(engine, batch, schedule, cfg, generator: Optional[torch.Generator
             stats += torch.stack([loss.detach().double() * B, losses["mse"].detach().double().sum(),
                                   losses["vb"].detach().double().sum(),
                                   torch.tensor(float(B), dtype=torch.float64, device=device)])
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
+    if dist.is_multi():
         tdist.all_reduce(stats)
     s = stats.tolist()
     n = max(s[3], 1.0)

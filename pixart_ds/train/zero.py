@@ -3,7 +3,7 @@
 This is the only module that imports deepspeed (DESIGN.md principle 4). The DeepSpeed JSON is never written by
 hand: `ds_config(cfg, world_size)` derives it from the recipe, so the recipe stays the single source of truth.
 
-Facts this module relies on (shared/reference/stack-notes.md, checked against deepspeed 0.19.8):
+Facts this module relies on (docs/stack.md, checked against deepspeed 0.19.8):
 - gradient_clipping defaults to 1.0 since 0.19.3; PixArt clips at 0.01, so it is always written explicitly.
 - bf16 `check_grad_overflow` (default true) skips steps with inf/NaN gradients; fp32 ZeRO skips them too
   (an invalid global norm sets the overflow flag); fp16 adds dynamic loss scaling.
@@ -13,17 +13,20 @@ Facts this module relies on (shared/reference/stack-notes.md, checked against de
 """
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any, Optional
 
-import torch
-
 import deepspeed  # noqa: E402  (the one import in the project)
+import deepspeed.ops as ds_ops
+import torch
+from deepspeed.utils import logger as ds_logger
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from pixart_ds import config as C
+from pixart_ds.fsutil import write_dir_atomic
 
 CLIENT_KEY = "pixart_ds"
 
@@ -94,7 +97,7 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
             },
         },
         "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": True, "overlap_comm": False},
-        # Explicit (stack-notes: DeepSpeed >= 0.18 logs at WARNING): our metrics.jsonl is the log, DeepSpeed's own
+        # Explicit (docs/stack.md: DeepSpeed >= 0.18 logs at WARNING): our metrics.jsonl is the log, DeepSpeed's own
         # progress lines stay rare.
         "log_level": "warning",
         "steps_per_print": max(1, cfg.log.every_steps) * 100,
@@ -103,7 +106,7 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
         "checkpoint": {"load_universal": bool(load_universal), "tag_validation": "Fail"},
     }
     if t.precision == "bf16":
-        # Steps whose gradients overflow are skipped (stack-notes: default true since 0.19.3; set explicitly).
+        # Steps whose gradients overflow are skipped (docs/stack.md: default true since 0.19.3; set explicitly).
         d["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif t.precision == "fp16":
         # Dynamic loss scaling, as the official fp16 training (AMP GradScaler) does.
@@ -114,19 +117,11 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
 
 def initialize(model: torch.nn.Module, cfg: C.Config, world_size: int, load_universal: bool = False):
     """Wrap the model: returns the DeepSpeed engine (optimizer and warm-up scheduler inside it)."""
-    import logging
-
-    from deepspeed.utils import logger as ds_logger
-
     ds_logger.setLevel(logging.WARNING)  # same choice as the config's log_level, for the messages before it is read
     if not torch.cuda.is_available() and os.environ.get("PIXART_DS_CPU_SHM_COMM") != "1":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op with g++ the first time (minutes on a small
         # machine) and its kernels need AVX-512 for bf16. gloo is enough for CPU runs (tests, the demo); the
         # compatibility table is a module-level dict DeepSpeed documents as editable.
-        # `import deepspeed.ops as ...`: a bare `import deepspeed.ops` here would make `deepspeed` a local name of
-        # this function and break the GPU path below (UnboundLocalError).
-        import deepspeed.ops as ds_ops
-
         ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
     warmup = cfg.train.warmup_steps
 
@@ -144,7 +139,7 @@ def initialize(model: torch.nn.Module, cfg: C.Config, world_size: int, load_univ
 
 
 def engine_dtype(engine) -> torch.dtype:
-    """The dtype the engine's module computes in (inputs are not auto-cast: stack-notes)."""
+    """The dtype the engine's module computes in (inputs are not auto-cast: docs/stack.md)."""
     if engine.bfloat16_enabled():
         return torch.bfloat16
     if engine.fp16_enabled():
@@ -223,22 +218,23 @@ def to_universal(ckpt_root: str, tag: str) -> str:
     out = os.path.join(ckpt_root, utag)
     if os.path.isdir(out):
         return utag
-    tmp = os.path.join(ckpt_root, f".{utag}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           os.path.join(ckpt_root, tag), "--output_folder", tmp, "--inject_missing_state",
-           "--num_extract_workers", "2", "--num_merge_workers", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{os.path.join(ckpt_root, tag)}: conversion to a universal checkpoint failed: {tail[0]}")
-    # The converter points ckpt_root/latest_universal at the temporary name; we select tags explicitly instead.
-    try:
-        os.remove(os.path.join(ckpt_root, "latest_universal"))
-    except FileNotFoundError:
-        pass
-    os.replace(tmp, out)
+
+    def convert(tmp: str) -> None:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(ckpt_root, tag), "--output_folder", tmp, "--inject_missing_state",
+               "--num_extract_workers", "2", "--num_merge_workers", "1"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        # The converter points ckpt_root/latest_universal at the temporary name; we select tags explicitly instead.
+        try:
+            os.remove(os.path.join(ckpt_root, "latest_universal"))
+        except FileNotFoundError:
+            pass
+        if p.returncode != 0:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"{os.path.join(ckpt_root, tag)}: conversion to a universal checkpoint failed: "
+                               f"{tail[0]}")
+
+    write_dir_atomic(out, convert)
     return utag
 
 
@@ -257,7 +253,6 @@ def read_model_states(tag_dir: str) -> dict:
 
 def fp32_weights(ckpt_root: str, tag: str) -> dict[str, torch.Tensor]:
     """Consolidated fp32 master weights of a ZeRO checkpoint (the optimizer's copy, not the bf16 module)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
     return {k: v.contiguous() for k, v in sd.items()}

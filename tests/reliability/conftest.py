@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from train_helpers import TINY_TEXT, describe, read_metrics, run_train, write_text_shards
+from pixart_ds.testing import TINY_TEXT, describe, read_metrics, run_train, write_text_shards
 
 from .faults import SUMMARY, overrides
 

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections import Counter
 
-from train_helpers import REPO, TINY_TEXT, clean_env, train_cmd, worker_pids
+from pixart_ds.testing import REPO, TINY_TEXT, clean_env, train_cmd, worker_pids
 
 # Figures reported at the end of the session (conftest.pytest_terminal_summary) and written to JSON.
 SUMMARY: dict = {"faults_injected": {}, "runs_resumed": 0, "samples_lost": 0, "duplicate_samples": 0,

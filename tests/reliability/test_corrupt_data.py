@@ -15,15 +15,11 @@ step-5 checkpoint, known from the reference run's sample order).
 import json
 import os
 import shutil
-import sys
 
-from train_helpers import TINY_TEXT, describe, read_metrics, run_train
+from pixart_ds.testing import TINY_TEXT, describe, flip_bytes, read_metrics, run_train, shard_files
 
-from .faults import (SUMMARY, count, fault, latest_tag, lost_and_duplicates, overrides, stderr_errors,
-                     steps_recomputed, traceback_through_ours)
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_helpers import flip_bytes, shard_files  # noqa: E402
+from .faults import (SUMMARY, count, fault, latest_tag, lost_and_duplicates, overrides, stderr_errors, steps_recomputed,
+                     traceback_through_ours)
 
 
 def _shard_ranges(stream_dir):

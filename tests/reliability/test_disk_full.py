@@ -14,10 +14,10 @@ import os
 import resource
 import subprocess
 
-from train_helpers import REPO, TINY_TEXT, clean_env, describe, read_metrics, run_train, train_cmd
+from pixart_ds.testing import REPO, TINY_TEXT, clean_env, describe, read_metrics, run_train, train_cmd
 
-from .faults import (SUMMARY, count, fault, latest_tag, lost_and_duplicates, overrides, stderr_errors,
-                     steps_recomputed, traceback_through_ours)
+from .faults import (SUMMARY, count, fault, latest_tag, lost_and_duplicates, overrides, stderr_errors, steps_recomputed,
+                     traceback_through_ours)
 
 
 def _mount_tmpfs(path: str, size: str) -> bool:

@@ -12,10 +12,10 @@ does not depend on skipped updates or on the edited keys): no sample lost or rep
 """
 import os
 
-from train_helpers import TINY_TEXT, describe, read_metrics, run_train
+from pixart_ds.testing import TINY_TEXT, describe, read_metrics, run_train
 
-from .faults import (SUMMARY, count, fault, latest_tag, lost_and_duplicates, overrides, stderr_errors,
-                     steps_recomputed, traceback_through_ours)
+from .faults import (SUMMARY, count, fault, latest_tag, lost_and_duplicates, overrides, stderr_errors, steps_recomputed,
+                     traceback_through_ours)
 
 
 def test_nonfinite_steps_skip_then_stop_and_an_edited_recipe_is_refused_unless_allowed(tmp_path, rel_shards,

@@ -24,10 +24,10 @@ import os
 import signal
 import time
 
-from train_helpers import read_metrics
+from pixart_ds.testing import read_metrics
 
-from .faults import (SUMMARY, count, fault, finish, latest_tag, launch, lost_and_duplicates, metrics_lines,
-                     overrides, rank_pids, stderr_errors, step_of, steps_recomputed, wait_for_step)
+from .faults import (SUMMARY, count, fault, finish, latest_tag, launch, lost_and_duplicates, metrics_lines, overrides,
+                     rank_pids, stderr_errors, step_of, steps_recomputed, wait_for_step)
 
 TIMEOUT_S = 20  # train.collective_timeout_s of these runs
 # torchrun's SIGTERM -> SIGKILL wait when it tears a failed group down: 30 s, fixed on this path in torch 2.14

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from train_helpers import REPO, TINY_CLASS, TINY_TEXT
+from pixart_ds.testing import REPO, TINY_CLASS, TINY_TEXT
 
 from .faults import SUMMARY, count
 
@@ -77,7 +77,8 @@ def _preflight(cfg) -> None:
     import torch
 
     from pixart_ds.diffusion.schedule import Schedule
-    from pixart_ds.train.trainer import _noise_generator, check_inputs
+    from pixart_ds.train.state import noise_generator as _noise_generator
+    from pixart_ds.train.trainer import check_inputs
 
     check_inputs(cfg)
     for world in (1, 2):

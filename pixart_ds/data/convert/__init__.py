@@ -11,7 +11,7 @@ from typing import Optional
 from pixart_ds.data.convert import sources
 from pixart_ds.data.convert._engine import read_summary, run, summary_path
 
-__all__ = ["imagenet", "sam", "journeydb", "folder", "synthetic", "read_summary", "summary_path", "iter_samples"]
+__all__ = ["imagenet", "sam", "journeydb", "folder", "synthetic", "read_summary", "summary_path"]
 
 _SHARD = 1 << 26  # 64 MiB, Streaming's recommended shard size
 
@@ -55,18 +55,3 @@ def synthetic(num_samples: int = 1024, resolution: int = 256, seed: int = 0, out
     return run("synthetic", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
                progress=progress)
 
-
-def iter_samples(root: str):
-    """Every sample of an MDS dataset (raw or feature) in index order, as dicts, read with Streaming's own shard
-    readers (no StreamingDataset: no shared memory, no shuffling). For inspection, captioning and tests."""
-    import json
-    import os
-
-    from streaming.base.format import reader_from_json
-
-    with open(os.path.join(root, "index.json")) as f:
-        shards = json.load(f)["shards"]
-    for s in shards:
-        reader = reader_from_json(root, None, s)
-        for i in range(int(s["samples"])):
-            yield reader.get_item(i)

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -32,7 +33,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pixart_ds.data.schema import RAW_COLUMNS
+from PIL import Image
+from streaming import MDSWriter
+from streaming.base.util import merge_index
+from tqdm import tqdm
+
+from pixart_ds.data import synthetic
+from pixart_ds.data.schema import EMPTY_INDEX, INDEX_FILE, RAW_COLUMNS, num_samples
+from pixart_ds.fsutil import atomic_write_text
+
+# The heavy modules (streaming pulls in torch, torchvision, transformers) are imported at module level, before the
+# writer pool forks, so each worker inherits them instead of spending seconds importing them again.
 
 SUMMARY_FILE = "summary.jsonl"  # per partition; not *.json so merge_index never reads it as an index
 STAGING_SUFFIX = ".partial"
@@ -51,6 +62,7 @@ DUPLICATE = "duplicate id"
 class Item:
     """One candidate sample. Exactly one of `path` (an image file) or `make` (a picklable recipe understood by
     `_materialize`, e.g. ("synthetic", seed, index, resolution)) gives the image."""
+
     id: str
     path: Optional[str] = None
     caption: str = ""
@@ -91,15 +103,6 @@ def summary_path(out: str) -> str:
     return os.path.abspath(out).rstrip("/") + ".summary.json"
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Image checks
 # ------------------------------------------------------------------------------------------------------------------
@@ -107,7 +110,6 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def check_image(data: bytes) -> tuple[int, int]:
     """(width, height) of encoded image bytes after a full decode; raises on a corrupt or truncated file."""
-    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         size = im.size
@@ -139,7 +141,6 @@ def sa_image_size(path: str) -> tuple[int, int]:
 def _materialize(make: tuple) -> bytes:
     kind = make[0]
     if kind == "synthetic":
-        from pixart_ds.data import synthetic
 
         _, seed, index, resolution = make
         im = synthetic.render(synthetic.attributes(index, seed), resolution)
@@ -173,7 +174,6 @@ def _tick(n: int = 1) -> None:
 
 def write_partition(out: str, part: Partition, source: str, shard_size_limit: int) -> dict:
     """Write one partition into staging, then rename it into OUT. Returns its summary record."""
-    from streaming import MDSWriter
 
     stage = os.path.join(staging_root(out), part.name)
     if os.path.exists(stage):
@@ -253,7 +253,6 @@ def finished_record(out: str, part: Partition) -> Optional[dict]:
 def merge_partitions(out: str, names: list[str], tmp_root: Optional[str] = None) -> int:
     """Write OUT/index.json from the indexes of the partitions OUT/<name>; returns the number of samples. Atomic:
     merged into a temporary folder under `tmp_root` (default OUT.partial), then renamed over OUT/index.json."""
-    from streaming.base.util import merge_index
 
     out = os.path.abspath(out)
     index_files = [os.path.join(out, n, "index.json") for n in names]
@@ -262,7 +261,6 @@ def merge_partitions(out: str, names: list[str], tmp_root: Optional[str] = None)
     tmp_dir = os.path.join(stage, f"_merge{os.getpid()}")
     os.makedirs(tmp_dir, exist_ok=True)
     if index_files:
-        import logging
 
         # merge_index names each shard "<partition dir>/<shard file>", relative to the folder the merged index
         # sits in; it is renamed into OUT, the partitions' parent, so those paths hold.
@@ -272,9 +270,8 @@ def merge_partitions(out: str, names: list[str], tmp_root: Optional[str] = None)
         finally:
             logging.disable(logging.NOTSET)
     else:
-        atomic_write_text(os.path.join(tmp_dir, "index.json"), json.dumps({"version": 2, "shards": []}))
-    with open(os.path.join(tmp_dir, "index.json")) as f:
-        total = sum(int(s["samples"]) for s in json.load(f)["shards"])
+        atomic_write_text(os.path.join(tmp_dir, INDEX_FILE), json.dumps(EMPTY_INDEX))
+    total = num_samples(tmp_dir)
     os.replace(os.path.join(tmp_dir, "index.json"), os.path.join(out, "index.json"))
     shutil.rmtree(tmp_dir, ignore_errors=True)
     return total
@@ -291,13 +288,6 @@ def default_workers(n_partitions: int) -> int:
 def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip], *, workers: Optional[int],
         shard_size_limit: int, extra: Optional[dict] = None, progress: bool = True) -> dict:
     """Convert `partitions` into the raw MDS dataset OUT (see the module docstring). Returns the summary dict."""
-    from tqdm import tqdm
-
-    # Import the heavy modules (streaming pulls in torch, torchvision, transformers) before forking, so each worker
-    # inherits them instead of spending seconds importing them again.
-    import streaming  # noqa: F401
-    from pixart_ds.data import synthetic  # noqa: F401
-
     t0 = time.time()
     if not out:
         raise ValueError("an output directory (--out) is required")

@@ -14,8 +14,9 @@ import tarfile
 from collections import defaultdict
 from typing import Iterator, Optional
 
-from pixart_ds.data.convert._engine import (BAD_ANNOTATION, DUPLICATE, MISSING_CAPTION, MISSING_IMAGE, Item,
-                                            Partition, Skip, chunked, safe_name)
+from pixart_ds.data import synthetic
+from pixart_ds.data.convert._engine import (BAD_ANNOTATION, DUPLICATE, MISSING_CAPTION, MISSING_IMAGE, Item, Partition,
+                                            Skip, chunked, safe_name)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PARTITION_SIZE = 10_000  # items per partition when a directory is larger (SA-1B tars hold ~11k images)
@@ -439,8 +440,6 @@ def plan_folder(root: str, index: Optional[str]):
 
 
 def plan_synthetic(num_samples: int, resolution: int, seed: int, per_partition: int = 1000):
-    from pixart_ds.data import synthetic
-
     if num_samples <= 0:
         raise ValueError(f"--num-samples must be positive, got {num_samples}")
     if resolution < 32:

@@ -5,7 +5,7 @@ Four launchers are supported, detected in this order:
 - torchrun (and any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, e.g. torchrun inside srun);
 - the `deepspeed` launcher, which sets RANK/WORLD_SIZE/LOCAL_RANK and LOCAL_SIZE but not LOCAL_WORLD_SIZE. Streaming
   learns the node topology only from LOCAL_WORLD_SIZE, so a 2-rank run without it dies in shared memory
-  (`FileExistsError: '/0000NN_locals'`, see shared/reference/stack-notes.md); we derive it from LOCAL_SIZE;
+  (`FileExistsError: '/0000NN_locals'`, docs/stack.md); we derive it from LOCAL_SIZE;
 - srun with one task per rank: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODEID and the per-node task
   counts; MASTER_ADDR is the first host of SLURM_JOB_NODELIST (hostlist syntax expanded here, no `scontrol`) and
   MASTER_PORT, when unset, is derived from SLURM_JOB_ID so every task of a job agrees on it without talking;
@@ -13,7 +13,8 @@ Four launchers are supported, detected in this order:
 
 `dist_env()` returns the derived values; `export_env()` writes them to os.environ (DeepSpeed's init_distributed and
 Streaming read only the standard names); `init_distributed()` creates the process group (gloo on CPU, nccl on GPU)
-with the recipe's collective timeout.
+with the recipe's collective timeout. `rank()`, `world_size()`, `barrier()`, `gather_objects()` and `any_rank()`
+are the process-group helpers every layer uses (they work, as one process, without a process group).
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.distributed_c10d as c10d
 
 
 class DistEnvError(ValueError):
@@ -270,6 +275,24 @@ def dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     return _check(DistEnv(0, 1, 0, 1, addr, port, "single"), "single process")
 
 
+def launch_ranks(environ: Optional[Mapping[str, str]] = None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) for jobs that need no process group (feature extraction, captioning): every
+    rank reads its own slice and writes its own part. torchrun / deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) win over
+    srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); (0, 1, 0) for a single process. Unlike `dist_env` it needs
+    neither the ranks per node nor a master address."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        r, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        r, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        r, world, local = 0, 1, 0
+    if world < 1 or not 0 <= r < world:
+        raise ValueError(f"inconsistent rank environment: rank {r} is outside world size {world} (RANK/WORLD_SIZE "
+                         f"or SLURM_PROCID/SLURM_NTASKS)")
+    return r, world, local
+
+
 def export_env(env: DistEnv, environ=None) -> None:
     """Write the standard names (read by torch.distributed env://, DeepSpeed and Streaming) to the environment."""
     environ = os.environ if environ is None else environ
@@ -289,9 +312,6 @@ def init_distributed(env: DistEnv, timeout_s: float = 600, device: Optional[str]
     gloo on CPU, nccl on GPU. The timeout bounds every collective, so a dead rank ends the job with an error
     instead of a hang (the recipe's train.collective_timeout_s).
     """
-    import torch
-    import torch.distributed as tdist
-
     export_env(env)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
@@ -308,8 +328,6 @@ def init_distributed(env: DistEnv, timeout_s: float = 600, device: Optional[str]
     # gradients (deepspeed/utils/groups.py _clone_world_group: new_group(ranks)) -- get torch's module default
     # (30 min for gloo, 10 min for NCCL), not the one given to init_process_group: a hung rank then stalled the job
     # for 30 min whatever the recipe said. Make the recipe's timeout that default, before any group exists.
-    import torch.distributed.distributed_c10d as c10d
-
     c10d.default_pg_timeout = timeout
     if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
         c10d.default_pg_nccl_timeout = timeout
@@ -325,94 +343,56 @@ def init_distributed(env: DistEnv, timeout_s: float = 600, device: Optional[str]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A rank that died or hangs: say which one
+# Process-group helpers (one process without a group behaves as world size 1)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def is_collective_error(e: BaseException) -> bool:
-    """Whether an exception is a failed collective (a peer died, hung past the timeout, or the network broke)
-    rather than a bug. torch raises DistError subclasses for some and plain RuntimeErrors from gloo for others
-    ("Connection reset by peer", "Timed out waiting 20000ms for recv operation to complete")."""
-    import torch.distributed as tdist
-
-    if isinstance(e, getattr(tdist, "DistError", ())):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "gloo/", "NCCL", "Connection reset", "Connection closed", "Connection refused", "Broken pipe",
-        "Timed out waiting", "timed out", "ProcessGroup"))
+def is_multi() -> bool:
+    """Whether a process group of more than one rank is up."""
+    return tdist.is_initialized() and tdist.get_world_size() > 1
 
 
-def process_state(pid: int) -> str:
-    """'gone', 'stopped' or 'running' for a process of THIS host, from /proc/<pid>/stat. A SIGKILLed worker stays a
-    zombie until its launcher reaps it: that counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
-    return {"Z": "gone", "X": "gone", "x": "gone", "T": "stopped", "t": "stopped"}.get(state, "running")
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
 
 
-def peer_table() -> list[tuple[str, int]]:
-    """(hostname, pid) of every rank, in rank order; a collective, called once at start so that a survivor can later
-    tell which peer is gone without talking to it."""
-    import torch.distributed as tdist
-
-    me = (socket.gethostname(), os.getpid())
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return [me]
-    out = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, me)
-    return out
-
-
-def describe_peers(peers: list[tuple[str, int]], rank: int) -> tuple[list[int], str]:
-    """(ranks seen lost, a sentence about them) after a failed collective. Peers on this host are checked through
-    /proc; peers on other hosts cannot be, so the sentence points to the launcher's log for them."""
-    host = socket.gethostname()
-    lost, parts, remote = [], [], []
-    for r, (h, pid) in enumerate(peers):
-        if r == rank:
-            continue
-        if h != host:
-            remote.append(r)
-            continue
-        state = process_state(pid)
-        if state == "gone":
-            lost.append(r)
-            parts.append(f"rank {r} (pid {pid}) has exited")
-        elif state == "stopped":
-            lost.append(r)
-            parts.append(f"rank {r} (pid {pid}) is stopped and does not answer")
-    if remote:
-        parts.append(f"rank(s) {_ranges(remote)} run on other hosts (see the launcher's log for which one failed)")
-    if not parts:
-        parts.append("every other rank on this host is still running (one of them may hang)")
-    return lost, "; ".join(parts)
-
-
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5"."""
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        if start is None:
-            start = r
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(str(start) if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(out)
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
 
 
 def barrier() -> None:
-    import torch.distributed as tdist
-
     if tdist.is_initialized():
         tdist.barrier()
 
 
-def destroy() -> None:
-    import torch.distributed as tdist
+def gather_objects(obj: Any) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if not is_multi():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
+
+def gather_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's 1-D tensor `t` (same length on every rank), concatenated in rank order ([world * n])."""
+    t = t.to(device)
+    if not is_multi():
+        return t.cpu()
+    out = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(out, t)
+    return torch.cat(out).cpu()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (one small all_reduce)."""
+    if not is_multi():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def destroy() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

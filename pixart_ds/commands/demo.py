@@ -27,7 +27,6 @@ prompt (synthetic.judge's "ok"); the headline number is the held-out one. Everyt
 OUT/demo_summary.json.
 
 Layout of OUT (default runs/demo; recipes/demo*.yaml name the same paths relative to the repository):
-
     data/raw_class/  data/raw_text/                          raw MDS (+ *.summary.json beside them)
     data/features_class/  data/features_text/                feature MDS (+ *.summary.json beside them)
     encoders/t5/                                             the small T5 (+ encoders/vae/ if one had to be fitted)
@@ -42,11 +41,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from typing import Optional
+
+import torch
+from PIL import Image
+
+from pixart_ds import config as C
+from pixart_ds.config import VAE_SCALE
+from pixart_ds.data import convert as dconv
+from pixart_ds.data import synthetic, synthetic_vae
+from pixart_ds.diffusion.sampling import generate, to_pil
+from pixart_ds.fsutil import atomic_write, atomic_write_json, write_dir_atomic
+from pixart_ds.model.encoders import load_text_encoder, load_vae, make_tiny_t5
+from pixart_ds.train import checkpoint as ckpt
+from pixart_ds.train.metrics import read_metrics
+from pixart_ds.train.weights import build_sampling_model, resolve_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = os.path.join(REPO, "recipes")
@@ -79,7 +91,7 @@ DATA_SEED = 0
 # with the prior 100% (tests/test_demo.py); the full demo's held-out background colour went from 0.25 to 0.84.
 DEMO_T5 = {"d_model": 128, "num_layers": 4, "num_heads": 4, "neighbour_bias": 4.0}
 # The VAE fitted to the embedded images (pixart_ds/data/synthetic_vae.py), shipped as package data.
-ASSET_VAE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "assets", "synthetic_vae")
+ASSET_VAE = synthetic_vae.ASSET_DIR
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,14 +106,6 @@ def _say(msg: str = "") -> None:
 def _fmt_s(seconds: float) -> str:
     m, s = divmod(seconds, 60)
     return f"{int(m)}m{s:04.1f}s" if m else f"{s:.1f}s"
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class _Phases:
@@ -149,8 +153,6 @@ def _resolve_vae(vae: Optional[str], out: str, small: bool, sizes: dict) -> tupl
         return ASSET_VAE, "shipped (pixart_ds/data/assets/synthetic_vae)"
     fitted = os.path.join(out, "encoders", "vae")
     if not os.path.isfile(os.path.join(fitted, "config.json")):
-        from pixart_ds.data import synthetic_vae
-
         _say(f"   {ASSET_VAE} is missing: fitting a VAE to the embedded images now "
              f"({sizes['vae_fit_steps']} steps; the shipped one is better fitted)")
         synthetic_vae.fit(fitted, steps=sizes["vae_fit_steps"], batch_size=16, num_images=sizes["vae_fit_images"])
@@ -159,7 +161,6 @@ def _resolve_vae(vae: Optional[str], out: str, small: bool, sizes: dict) -> tupl
 
 def _launcher(world_size: int) -> tuple[list[str], dict, str]:
     """(command prefix, environment, description) for `pixart-ds VERB ...` on `world_size` ranks."""
-    import torch
 
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -218,8 +219,6 @@ def _launch(what: str, args: list[str], world_size: int, log_path: str) -> int:
 
 def _run_record(run_dir: str) -> dict:
     """What the trainer recorded about a finished run: steps, images, losses, its init note, its checkpoint."""
-    from pixart_ds.train import checkpoint as ckpt
-    from pixart_ds.train.metrics import read_metrics
 
     steps, events = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     starts = [e for e in events if e["event"] == "start"]
@@ -244,7 +243,6 @@ def _run_record(run_dir: str) -> dict:
 
 def _judged_grid(pils: list, oks: list[bool], cols: int = 8, frame: int = 3):
     """The images in rows of `cols`, each framed green (judged right) or red (wrong)."""
-    from PIL import Image
 
     w, h = pils[0].size
     cols = min(cols, len(pils))
@@ -270,13 +268,6 @@ def _score(verdicts: list[dict]) -> dict:
 def _sample_and_judge(run_dir: str, t5: str, vae: str, vae_scale: float, prompts: dict, out_dir: str,
                       steps: int, guidance: float, seed: int) -> dict:
     """Sample every prompt set with the run's EMA weights, judge the pixels, write grids + alignment.json."""
-    import torch
-
-    from pixart_ds.data import synthetic
-    from pixart_ds.diffusion.pipeline import build_sampling_model, resolve_checkpoint
-    from pixart_ds.diffusion.sampling import generate, to_pil
-    from pixart_ds.model.encoders import load_text_encoder, load_vae
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ck = resolve_checkpoint(run_dir, use_ema=True)
     model = build_sampling_model(ck, device=device)
@@ -293,14 +284,12 @@ def _sample_and_judge(run_dir: str, t5: str, vae: str, vae_scale: float, prompts
         pils = to_pil(r.images)
         verdicts = [synthetic.judge(im, p) for im, p in zip(pils, plist)]
         grid_path = os.path.join(out_dir, f"{name}_grid.png")
-        tmp = grid_path + f".tmp{os.getpid()}.png"
-        _judged_grid(pils, [v["ok"] for v in verdicts]).save(tmp)
-        os.replace(tmp, grid_path)
+        atomic_write(grid_path, _judged_grid(pils, [v["ok"] for v in verdicts]).save)
         results[name] = {**_score(verdicts), "grid": grid_path}
         record["sets"][name] = {"score": results[name], "images": [
             {"prompt": p, "seed": s, **{k: v[k] for k in ("ok", "shape", "color", "background", "size", "position")},
              "detected": v["detected"]} for p, s, v in zip(plist, seeds, verdicts)]}
-    _write_json_atomic(os.path.join(out_dir, "alignment.json"), record)
+    atomic_write_json(os.path.join(out_dir, "alignment.json"), record)
     return results
 
 
@@ -312,10 +301,6 @@ def _sample_and_judge(run_dir: str, t5: str, vae: str, vae_scale: float, prompts
 def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 2, vae: Optional[str] = None) -> int:
     """Run the demo into `out_dir` (see the module docstring). Returns 0, or a training launcher's exit code after
     a one-line error; bad input raises ValueError / FileNotFoundError (one line from the CLI)."""
-    import torch
-
-    from pixart_ds import config as C
-
     t_begin = time.time()
     sizes = SMALL if small else FULL
     if world_size < 1:
@@ -354,7 +339,6 @@ def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 
     res = s1.data.resolution
     ph.start("data", f"embedded shapes dataset at {res} px -> raw MDS: {sizes['class_images']} images (seed "
                      f"{CLASS_SEED}) for stage 1, {sizes['text_images']} (seed {DATA_SEED}) for stage 2")
-    from pixart_ds.data import convert as dconv
 
     for key, n, seed in (("raw_class", sizes["class_images"], CLASS_SEED), ("raw_text", sizes["text_images"], DATA_SEED)):
         dconv.synthetic(num_samples=n, resolution=res, seed=seed, out=paths[key], progress=True)
@@ -362,16 +346,12 @@ def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 
 
     # ---- 2. encoders ----
     ph.start("encoders", "small T5 (random, fixed seed) + the VAE fitted to the embedded images")
-    from pixart_ds.model.encoders import make_tiny_t5
 
     if not os.path.isfile(os.path.join(paths["t5"], "config.json")):
-        tmp = paths["t5"] + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_t5(tmp, **DEMO_T5)
-        os.replace(tmp, paths["t5"])
+        write_dir_atomic(paths["t5"], lambda tmp: make_tiny_t5(tmp, **DEMO_T5), replace=True)
     vae_path, vae_source = _resolve_vae(vae, out, small, sizes)
     vinfo = _vae_info(vae_path)
-    vae_scale = float(vinfo.get("scaling_factor", 0.18215))
+    vae_scale = float(vinfo.get("scaling_factor", VAE_SCALE))
     with open(os.path.join(paths["t5"], "config.json")) as f:
         t5_width = int(json.load(f)["d_model"])
     ph.end(f"T5 d_model {t5_width} in {paths['t5']}; VAE {vae_path} [{vae_source}], scaling_factor {vae_scale:.5f}")
@@ -425,7 +405,6 @@ def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 
            f"{rec2['last_loss_avg']:.4f}; init: {rec2['init']}")
 
     # ---- 6. sample + judge ----
-    from pixart_ds.data import synthetic
 
     s2 = C.load(STAGE2_RECIPE, SMALL_OVERRIDES["stage2"] if small else [])
     n = sizes["eval_prompts"]
@@ -471,7 +450,7 @@ def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 
             "alignment_details": os.path.join(paths["samples"], "alignment.json")},
         "started": t_begin,
     }
-    _write_json_atomic(paths["summary"], summary)
+    atomic_write_json(paths["summary"], summary)
 
     h, d = scores["heldout"], scores["indist"]
     _say("\n" + "=" * 100)
@@ -496,3 +475,7 @@ def run_demo(out_dir: str = "runs/demo", small: bool = False, world_size: int = 
          f"background {d['background']:.2f}]")
     _say("=" * 100)
     return 0
+
+
+def main(a) -> int:
+    return run_demo(out_dir=a.out, small=a.small, world_size=a.ranks, vae=a.vae)

@@ -1,0 +1,186 @@
+"""What keeps one bad rank from costing a week: stop requests, agreement between ranks, and lost-rank reports.
+
+- `StopFlag`: SIGUSR1 / SIGTERM (Slurm's --signal, preemption, scancel) only set a flag; at the next step boundary
+  the ranks agree (one all_reduce) whether ANY rank was signalled or passed train.time_limit_s, then all checkpoint.
+- `agree_on_data`: corrupt samples replaced (data.on_corrupt=skip) and data errors (=stop) of every rank, agreed
+  before train_step, so a rank that must stop never leaves the others waiting in the gradient reduction.
+- `FetchWatchdog`: bounds the one wait torch's collective timeout does not, the next batch (Streaming's epoch
+  barrier spins without a timeout until every rank of the node arrives).
+- `peer_table` / `describe_peers` / `lost_rank_message`: after a failed collective, say which peer is gone or
+  stopped, and where the last good checkpoint is.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as tdist
+
+from pixart_ds import dist
+
+LOST_RANK_EXIT_CODE = 4
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the handler does nothing else (no I/O or collectives inside a signal handler)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def agree_on_data(mbs: list, error: Optional[str], device: torch.device) -> tuple[int, list[str]]:
+    """(corrupt samples replaced in this global batch (data.on_corrupt=skip), every rank's data error). One small
+    all_reduce per step, before train_step: a rank that met data it must not train on (data.on_corrupt=stop) would
+    otherwise leave the others waiting in the gradient reduction until the collective timeout."""
+    skipped = sum(int(mb["skipped"].sum()) for mb in mbs if "skipped" in mb)
+    if not dist.is_multi():
+        return skipped, [error] if error else []
+    t = torch.tensor([skipped, 1 if error else 0], dtype=torch.int64, device=device)
+    tdist.all_reduce(t)
+    if int(t[1]) == 0:
+        return int(t[0]), []
+    return int(t[0]), [e for e in dist.gather_objects(error) if e]
+
+
+class FetchWatchdog:
+    """Bounds the wait for the next batch. Streaming's shared-memory barrier at the start of every epoch spins
+    without a timeout until every rank of the node arrives, and a DataLoader worker on a hung filesystem blocks the
+    same way, so a hung peer would stall this rank forever. After `timeout_s` the watchdog prints what
+    `describe()` says (which peer is gone or stopped) and ends the process with LOST_RANK_EXIT_CODE."""
+
+    def __init__(self, timeout_s: float, describe: Callable[[], str]):
+        self.timeout_s, self.describe = timeout_s, describe
+        self._timer: Optional[threading.Timer] = None
+
+    def __enter__(self):
+        self._timer = threading.Timer(self.timeout_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        return False
+
+    def _fire(self):
+        try:
+            print(f"pixart-ds train: error: {self.describe()}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(LOST_RANK_EXIT_CODE)
+
+
+def is_collective_error(e: BaseException) -> bool:
+    """Whether an exception is a failed collective (a peer died, hung past the timeout, or the network broke)
+    rather than a bug. torch raises DistError subclasses for some and plain RuntimeErrors from gloo for others
+    ("Connection reset by peer", "Timed out waiting 20000ms for recv operation to complete")."""
+    if isinstance(e, getattr(tdist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo/", "NCCL", "Connection reset", "Connection closed", "Connection refused", "Broken pipe",
+        "Timed out waiting", "timed out", "ProcessGroup"))
+
+
+def process_state(pid: int) -> str:
+    """'gone', 'stopped' or 'running' for a process of THIS host, from /proc/<pid>/stat. A SIGKILLed worker stays a
+    zombie until its launcher reaps it: that counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+    return {"Z": "gone", "X": "gone", "x": "gone", "T": "stopped", "t": "stopped"}.get(state, "running")
+
+
+def peer_table() -> list[tuple[str, int]]:
+    """(hostname, pid) of every rank, in rank order; a collective, called once at start so that a survivor can later
+    tell which peer is gone without talking to it."""
+    me = (socket.gethostname(), os.getpid())
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return [me]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, me)
+    return out
+
+
+def describe_peers(peers: list[tuple[str, int]], rank: int) -> tuple[list[int], str]:
+    """(ranks seen lost, a sentence about them) after a failed collective. Peers on this host are checked through
+    /proc; peers on other hosts cannot be, so the sentence points to the launcher's log for them."""
+    host = socket.gethostname()
+    lost, parts, remote = [], [], []
+    for r, (h, pid) in enumerate(peers):
+        if r == rank:
+            continue
+        if h != host:
+            remote.append(r)
+            continue
+        state = process_state(pid)
+        if state == "gone":
+            lost.append(r)
+            parts.append(f"rank {r} (pid {pid}) has exited")
+        elif state == "stopped":
+            lost.append(r)
+            parts.append(f"rank {r} (pid {pid}) is stopped and does not answer")
+    if remote:
+        parts.append(f"rank(s) {_ranges(remote)} run on other hosts (see the launcher's log for which one failed)")
+    if not parts:
+        parts.append("every other rank on this host is still running (one of them may hang)")
+    return lost, "; ".join(parts)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def destroy() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def lost_rank_message(e: Optional[BaseException], peers: list[tuple[str, int]], rank: int, step: int,
+                      timeout_s: float, latest: str) -> tuple[list[int], str]:
+    """(lost ranks, one line) for a collective that failed with `e` after `step`, or (e is None) for a batch that
+    did not come within `timeout_s`."""
+    lost, who = describe_peers(peers, rank) if len(peers) > 1 else ([], "")
+    if e is None:
+        if not lost:
+            who = (who + "; " if who else "") + "the data loader itself may be stuck (a hung filesystem or remote " \
+                                                "source)"
+        return lost, (f"rank {rank} waited more than train.collective_timeout_s={timeout_s} s for the data of step "
+                      f"{step + 1}: {who}; latest checkpoint: {latest}; run the same command to resume from it")
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return lost, (f"rank {rank} lost contact with the other ranks after step {step} ({type(e).__name__}: {first}): "
+                  f"{who}; train.collective_timeout_s={timeout_s}; latest checkpoint: {latest}; run the same command "
+                  f"to resume from it")
