@@ -61,8 +61,14 @@ class ModelConfig:
     multi_scale: bool = False
     # Positional-embedding grid scale; null = derived from data.resolution (0.5 / 1 / 2 at 256 / 512 / 1024).
     pe_interpolation: Optional[float] = None
-    attention: Literal["auto", "flash", "sdpa", "math"] = "auto"
+    attention: Literal["auto", "torch-flash", "flash-attn", "flash", "sdpa", "math"] = "auto"
+    """Kernels (model/attention.py): torch-flash, flash-attn (alias flash), sdpa, math; auto = by what is present."""
     grad_checkpointing: bool = False
+    """Recompute the transformer blocks' forward in the backward pass instead of keeping their activations."""
+    grad_checkpointing_every: int = 1
+    """With grad_checkpointing: recompute every k-th block only (1 = all blocks, 2 = blocks 0, 2, 4, ...)."""
+    compile: Literal["none", "blocks"] = "none"
+    """torch.compile each transformer block (regional: one graph shared by all blocks; parameters stay plain)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,8 @@ class DataConfig:
     predownload: Optional[int] = None
     # What to do with a sample that fails to decode: stop with its shard's name, or skip it and count it.
     on_corrupt: Literal["stop", "skip"] = "stop"
+    pin_memory: Optional[bool] = None
+    """Page-locked loader batches, copied to the GPU without blocking (null = on when CUDA is present)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,14 @@ class TrainConfig:
     collective_timeout_s: int = 600
     time_limit_s: Optional[float] = None  # stop (checkpoint + requeue exit code) after this much wall time
     torch_adam: bool = False  # DeepSpeed's torch AdamW instead of FusedAdam (no JIT compile; used on CPU)
+    adam: Literal["auto", "fused-adam", "torch", "torch-fused"] = "auto"
+    """AdamW kernel: DeepSpeed FusedAdam (JIT), torch foreach or torch fused; auto = torch if torch_adam else fused-adam."""
+    overlap_comm: bool = False
+    """ZeRO: overlap the gradient reduce-scatter with the backward pass (pays off across nodes)."""
+    reduce_bucket_size: Optional[int] = None
+    """ZeRO gradient-reduction bucket in elements (null = DeepSpeed's default, 5e8)."""
+    allgather_bucket_size: Optional[int] = None
+    """ZeRO all-gather bucket for the updated parameters, in elements (null = DeepSpeed's default, 5e8)."""
 
 
 @dataclass(frozen=True)
@@ -416,6 +432,20 @@ def pe_interpolation(cfg: Config) -> float:
     return cfg.data.resolution / 512
 
 
+def adam_impl(cfg: Config) -> str:
+    """The AdamW kernel a run uses: fused-adam | torch | torch-fused (train.adam, with auto from train.torch_adam)."""
+    if cfg.train.adam == "auto":
+        return "torch" if cfg.train.torch_adam else "fused-adam"
+    return cfg.train.adam
+
+
+def checkpointed_blocks(cfg_model) -> list[int]:
+    """Indices of the blocks whose forward is recomputed in the backward pass (model.grad_checkpointing[_every])."""
+    if not cfg_model.grad_checkpointing:
+        return []
+    return list(range(0, cfg_model.depth, cfg_model.grad_checkpointing_every))
+
+
 def effective_lr(cfg: Config) -> float:
     if cfg.train.lr_scaling == "sqrt":
         return cfg.train.lr * math.sqrt(cfg.train.global_batch_size / 256)
@@ -471,6 +501,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if value is not None and value < 1:
             err(key, f"must be >= 1, got {value}")
 
+    if m.grad_checkpointing_every < 1:
+        err("model.grad_checkpointing_every", f"must be >= 1, got {m.grad_checkpointing_every}")
+    if t.torch_adam and t.adam == "fused-adam":
+        err("train.adam", "fused-adam contradicts train.torch_adam=true (use train.adam=torch or torch-fused)")
+    for key, value in (("train.reduce_bucket_size", t.reduce_bucket_size),
+                       ("train.allgather_bucket_size", t.allgather_bucket_size)):
+        if value is not None and value < 1:
+            err(key, f"must be >= 1 elements (or null), got {value}")
     if m.label_init_std <= 0:
         err("model.label_init_std", f"must be > 0, got {m.label_init_std}")
     if m.hidden_size % m.num_heads:

@@ -54,9 +54,13 @@ def test_text_context_marks_empty_rows_and_packs():
     y = torch.randn(3, 5, 4)
     mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 0, 1]])
     ctx = make_text_context(y, mask, pack=True)
-    assert ctx.cu_seqlens.tolist() == [0, 2, 3, 6] and ctx.max_seqlen == 3
+    # max_seqlen is the static bound L (the exact maximum would need a host sync); the packed rows keep the static
+    # shape [B*L, C]: the real tokens first (caption 1 keeps one placeholder key), padding after cu_seqlens[-1]
+    assert ctx.cu_seqlens.tolist() == [0, 2, 3, 6] and ctx.max_seqlen == 5 and ctx.y.shape == (15, 4)
     assert ctx.empty.tolist() == [False, True, False]
-    torch.testing.assert_close(ctx.y[3:], y[2, [0, 2, 4]])
+    torch.testing.assert_close(ctx.y[:2], y[0, :2])
+    torch.testing.assert_close(ctx.y[2], y[1, 0])
+    torch.testing.assert_close(ctx.y[3:6], y[2, [0, 2, 4]])
     dense = make_text_context(y, mask, pack=False)
     assert dense.mask[1].tolist() == [True, False, False, False, False]  # one placeholder key, output zeroed
 

@@ -25,7 +25,7 @@ import torch
 
 from pixart_ds import config as C
 from pixart_ds.bench import hardware as H
-from pixart_ds.bench.flops import format_flops, image_flops
+from pixart_ds.bench.flops import format_flops, image_flops, recompute_fraction
 from pixart_ds.bench.report import peak_rss_reset, rss_bytes
 
 SCHEMA = "pixart_ds.throughput/1"
@@ -151,7 +151,7 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
     total = sum(times)
     ips = micro * steps / total
     model_tflops = ips * f.train / 1e12
-    hw_tflops = ips * f.train_step(cfg.model.grad_checkpointing) / 1e12
+    hw_tflops = ips * f.train_step(recompute_fraction(cfg.model)) / 1e12
     peak = hw.get("peak_tflops")
     results = {
         "step_time_s": _stats(times),
