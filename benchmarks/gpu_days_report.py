@@ -65,10 +65,10 @@ def main(argv=None) -> int:
         recipes = []
         for s in stages:
             mine = [r for r in recs if r["recipe_name"] == s]
-            if mine:
+            if mine:  # the measured model and resolution, the stage's images (steps x global batch)
+                t = C.load(os.path.join(REPO, "recipes", f"{s}.yaml")).train
                 recipes.append((s, C.replace(C.from_dict(mine[-1]["config"], "record"), **{
-                    "train.total_steps": C.load(os.path.join(REPO, "recipes", f"{s}.yaml")).train.total_steps,
-                    "train.global_batch_size": C.load(os.path.join(REPO, "recipes", f"{s}.yaml")).train.global_batch_size})))
+                    "train.total_steps": t.total_steps, "train.global_batch_size": t.global_batch_size})))
     else:
         recipes = [(s, C.load(os.path.join(REPO, "recipes", f"{s}.yaml"))) for s in stages]
     # gd.plan matches a record to a stage by recipe name, model and resolution; it reads the throughput schema.

@@ -32,6 +32,7 @@ that no longer fits --deadline-s is recorded as skipped. Rows run in the priorit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -399,6 +400,7 @@ def main(argv=None) -> int:
                        "variant": row[2], "status": "failed", "error": f"{type(e).__name__}: {str(e)[:500]}",
                        "traceback": traceback.format_exc()[-2000:], "hardware": hw, "versions": versions,
                        "dry_run": bool(a.dry_run)}
+            gc.collect()  # DeepSpeed engines hold reference cycles: free the last config's memory before the next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             with open(a.out, "a") as f:  # appended and flushed now: a timeout keeps what finished

@@ -150,7 +150,8 @@ def test_gpu_check_dry_run(tmp_path):
     before = set(os.listdir(os.path.join(REPO, "benchmarks", "results")))
     p = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--dry-run"], capture_output=True,
                        text=True, timeout=900, cwd=REPO,
-                       env=dict(os.environ, OUT=str(tmp_path), GPU_KIT=str(tmp_path / "no-kit"), CUDA_VISIBLE_DEVICES=""))
+                       env=dict(os.environ, OUT=str(tmp_path), GPU_KIT=str(tmp_path / "no-kit"),
+                                CUDA_VISIBLE_DEVICES=""))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = tmp_path / "benchmarks" / "results"
     names = sorted(os.listdir(res))

@@ -171,7 +171,8 @@ def test_ds_config_optimizer_overlap_and_buckets():
     fused = ds_config(C.replace(cfg, **{"train.adam": "torch-fused"}), 1)["optimizer"]["params"]
     assert fused["torch_adam"] is True and fused["fused"] is True
     ds_fused = C.replace(cfg, **{"train.torch_adam": False})
-    assert C.adam_impl(ds_fused) == "fused-adam" and ds_config(ds_fused, 1)["optimizer"]["params"]["torch_adam"] is False
+    assert C.adam_impl(ds_fused) == "fused-adam"
+    assert ds_config(ds_fused, 1)["optimizer"]["params"]["torch_adam"] is False
     multi = C.replace(cfg, **{"train.overlap_comm": True, "train.reduce_bucket_size": 200_000_000,
                               "train.allgather_bucket_size": 100_000_000})
     assert ds_config(multi, 4)["zero_optimization"] == {

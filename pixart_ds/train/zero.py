@@ -79,7 +79,8 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
     t = cfg.train
     micro, accum = C.batch_plan(cfg, world_size)
     adam = C.adam_impl(cfg)
-    zero_opt: dict[str, Any] = {"stage": t.zero_stage, "contiguous_gradients": True, "overlap_comm": bool(t.overlap_comm)}
+    zero_opt: dict[str, Any] = {"stage": t.zero_stage, "contiguous_gradients": True,
+                                "overlap_comm": bool(t.overlap_comm)}
     if t.reduce_bucket_size is not None:
         zero_opt["reduce_bucket_size"] = int(t.reduce_bucket_size)
     if t.allgather_bucket_size is not None:
