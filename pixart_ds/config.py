@@ -140,7 +140,7 @@ class TrainConfig:
     time_limit_s: Optional[float] = None  # stop (checkpoint + requeue exit code) after this much wall time
     torch_adam: bool = False  # DeepSpeed's torch AdamW instead of FusedAdam (no JIT compile; used on CPU)
     adam: Literal["auto", "fused-adam", "torch", "torch-fused"] = "auto"
-    """AdamW kernel: DeepSpeed FusedAdam (JIT), torch foreach, torch fused; auto: torch if torch_adam, else fused-adam."""
+    """AdamW kernel: DeepSpeed FusedAdam (JIT), torch foreach, torch fused; auto = torch_adam ? torch : fused-adam."""
     overlap_comm: bool = False
     """ZeRO: overlap the gradient reduce-scatter with the backward pass (pays off across nodes)."""
     reduce_bucket_size: Optional[int] = None
