@@ -2,7 +2,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install install-dev demo test test-fast slurm-up slurm-down slurm-status test-slurm gpu-check
+.PHONY: install install-dev demo test test-fast slurm-up slurm-down slurm-status test-slurm gpu-check gpu-kit
 
 install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -31,6 +31,10 @@ slurm-status:
 
 test-slurm: slurm-up
 	$(PY) -m pytest -q tests/test_slurm.py
+
+# The offline wheel folder for a GPU machine (benchmarks/gpu_kit.py; carried as gpu_kit/, ignored by git).
+gpu-kit:
+	$(PY) benchmarks/gpu_kit.py build
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -1,177 +1,116 @@
 #!/usr/bin/env bash
-# One prepared GPU check (~8 minutes on one H100/H200): GPU tests, throughput of every stage at PixArt-XL/2,
-# ours vs diffusers, the attention kernels, the adaLN ablation's memory/throughput, and GPU-days from the results.
+# The prepared GPU check for one lent H100/H200 machine, most important measurement first, inside its own deadline.
 #
-#   bash benchmarks/gpu_check.sh --fetch-wheels   # on a machine WITH PyPI access: the Python packages the GPU image
-#                                                 # lacks (deepspeed, diffusers, pydantic, hjson, ...) -> .whl/
-#   bash benchmarks/gpu_check.sh                  # on the GPU machine (no network needed if .whl/ came along)
-#   OUT=/tmp/x bash benchmarks/gpu_check.sh --dry-run   # anywhere: the parts only echo (tests this script)
+#   make gpu-kit                                      # here, once (needs PyPI): the wheel folder gpu_kit/ (ignored)
+#   PIXART_DS_COMMIT=<sha> bash benchmarks/gpu_check.sh   # on the GPU machine, carrying gpu_kit/ (no network needed)
+#   OUT=/tmp/x bash benchmarks/gpu_check.sh --dry-run     # anywhere: the same parts on a CPU at a tiny size
 #
-# Every result is written to benchmarks/results/ and, when $OUT is set, packed under $OUT/benchmarks/results/
-# (a tarball of all new result files + the log + the summary, because only a few files come back from $OUT).
-# The card's name is in every file (file names carry its slug, e.g. _h100_ / _h200_).
-# Each part has its own time limit and the whole run a deadline (GPU_CHECK_BUDGET_S, default 470 s of work);
-# a part that fails or times out is logged and the next one runs. Exit code 0 if every part passed, 1 otherwise.
+# Parts, in this order (GPU_CHECK_BUDGET_S, default 470 s of work in all; each part gets what is left):
+#   1. install the kit: python benchmarks/gpu_kit.py install (pip --no-index --no-deps --target), import check
+#   2. benchmarks/gpu_mfu.py: the production train_step of the stage recipes, row after row in one process, with a
+#      deadline that leaves room for parts 3-4; one JSON line per finished row (gpu_mfu_<card>.jsonl)
+#   3. pytest -m gpu on the GPU test modules (attention kernels against float32 math, the ZeRO-2 step)
+#   4. the GPU-days report of each variant whose Table-4 stages all finished (gpu_days_<card>*.md)
+# Results go to benchmarks/results/ and, when $OUT is set, to $OUT/benchmarks/results/ (the records, the log, the
+# reports: few files, as the device tool returns at most 8). The commit is taken from PIXART_DS_COMMIT when the
+# machine has no .git (a device copy of the working tree has none). Exit 0 if every part passed.
 set -u
 set -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-WHL="$REPO/.whl"
-
-# ---------------------------------------------------------------------------------------------------------------
-# --fetch-wheels: run where PyPI is reachable. The GPU image has torch, numpy, safetensors, huggingface-hub,
-# transformers, matplotlib, pyyaml, psutil, einops, msgpack, ninja, py-cpuinfo, tqdm, httpx, requests, regex, filelock
-# (KINDS.md); these are what our benchmarks need beside them. Python 3.12, x86-64 manylinux.
-if [ "${1:-}" = "--fetch-wheels" ]; then
-  mkdir -p "$WHL"
-  grep -qs '^/.whl/$' "$REPO/.git/info/exclude" || { mkdir -p "$REPO/.git/info"; echo "/.whl/" >>"$REPO/.git/info/exclude"; }
-  PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT -d "$WHL" \
-    pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 hjson==3.1.0 \
-    diffusers==0.39.0 importlib-metadata==8.7.0 || exit 1
-  # deepspeed publishes only an sdist; build its pure-Python wheel (ops are JIT-built at run time; we need none).
-  ls "$WHL"/deepspeed-*.whl >/dev/null 2>&1 || \
-    DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w "$WHL" deepspeed==0.19.8 || exit 1
-  ls -la "$WHL"
-  exit 0
-fi
-
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1  # exercise this script's own logic without a GPU: every part only echoes
-
+[ "${1:-}" = "--dry-run" ] && DRY=1
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 DEADLINE=$((START + BUDGET))
 RES="$REPO/benchmarks/results"
 [ "$DRY" -eq 1 ] && RES=$(mktemp -d)  # a dry run leaves the repository's results alone
-mkdir -p "$RES"
-if [ -n "${OUT:-}" ]; then
-  OUTRES="$OUT/benchmarks/results"
-else
-  OUTRES="$RES"
-fi
-mkdir -p "$OUTRES"
-STAMP_FILE=$(mktemp)  # result files newer than this are this run's
+OUTRES="${OUT:+$OUT/benchmarks/results}"
+OUTRES="${OUTRES:-$RES}"
+mkdir -p "$RES" "$OUTRES"
 LOG="$OUTRES/gpu_check.log"
-
+KIT="${GPU_KIT:-$REPO/gpu_kit}"
+SITE="${PIXART_SITE:-/tmp/pixart_site}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PIXART_DS_COMMIT="${PIXART_DS_COMMIT:-$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 PY=python3
 STATUS=()
 FAILED=0
 
-log() { echo "[gpu_check $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+left() { echo $((DEADLINE - $(date +%s))); }
 
-# part NAME LIMIT_S CMD... : run with min(LIMIT, time left - 20 s); skip when under 30 s are left.
+# part NAME LIMIT_S CMD... : run with min(LIMIT, time left - 10 s); skipped when under 20 s are left.
 part() {
   local name=$1 limit=$2
   shift 2
-  local left=$((DEADLINE - $(date +%s) - 20))
-  if [ "$left" -lt 30 ]; then
-    log "SKIP $name: out of time (deadline ${BUDGET}s)"
-    STATUS+=("$name: skipped (out of time)")
-    FAILED=1
-    return
+  local l=$(( $(left) - 10 ))
+  if [ "$l" -lt 20 ]; then
+    log "SKIP $name: out of time"; STATUS+=("$name: skipped (out of time)"); FAILED=1; return
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  [ "$limit" -gt "$l" ] && limit=$l
   log "START $name (limit ${limit}s): $*"
   local t0=$(date +%s)
-  timeout --kill-after=15 "$limit" "$@"
-  local rc=$?
-  local dt=$(( $(date +%s) - t0 ))
-  if [ "$rc" -eq 0 ]; then
-    STATUS+=("$name: ok (${dt}s)")
-  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    STATUS+=("$name: TIMEOUT after ${dt}s")
-    FAILED=1
-  else
-    STATUS+=("$name: FAILED rc=$rc (${dt}s)")
-    FAILED=1
-  fi
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$? dt=$(( $(date +%s) - t0 ))
+  if [ "$rc" -eq 0 ]; then STATUS+=("$name: ok (${dt}s)")
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then STATUS+=("$name: TIMEOUT after ${dt}s"); FAILED=1
+  else STATUS+=("$name: FAILED rc=$rc (${dt}s)"); FAILED=1; fi
   log "END $name rc=$rc ${dt}s"
 }
 
 main() {
-log "repo $REPO, results -> $RES and $OUTRES, budget ${BUDGET}s"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -5
-if ls "$WHL"/*.whl >/dev/null 2>&1; then
-  # Carried wheels (see --fetch-wheels); --no-deps: the image's own torch/numpy stay.
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pixart_site \
-    "$WHL"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/pixart_site" || log "wheel install failed"
+log "repo $REPO, commit $PIXART_DS_COMMIT, budget ${BUDGET}s, results -> $OUTRES"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
+
+# 1. the kit: no index, no dependencies (the machine's torch/numpy/transformers stay), into a folder on PYTHONPATH
+if ls "$KIT"/*.whl >/dev/null 2>&1; then
+  part "install kit" 90 $PY benchmarks/gpu_kit.py install --kit "$KIT" --target "$SITE" && export PYTHONPATH="$PYTHONPATH:$SITE"
+else
+  log "no kit in $KIT (make gpu-kit): using the packages this machine has"
 fi
-python3 - <<'EOF'
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device",
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
-for m in ("deepspeed", "diffusers", "flash_attn", "streaming", "transformers", "yaml", "safetensors", "matplotlib"):
-    try:
-        mod = importlib.import_module(m)
-        print(f"  {m} {getattr(mod, '__version__', '?')}")
-    except Exception as e:  # report and go on: the parts that need it will fail on their own
-        print(f"  {m} MISSING ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-EOF
+part "import check" 60 $PY benchmarks/gpu_mfu.py --check-imports
+SLUG=$($PY -c "from pixart_ds.hardware import device_record; print(device_record()['slug'])" 2>/dev/null || echo gpu)
+REC="$RES/gpu_mfu_${SLUG}.jsonl"
+
+# 2. the measurement that matters most, with its own deadline leaving ~110 s for the GPU tests and the reports
 if [ "$DRY" -eq 1 ]; then
-  PY="echo [dry-run] python3"
+  part "gpu_mfu (dry run)" 300 $PY benchmarks/gpu_mfu.py --dry-run --out "$REC" --deadline-s 240 \
+    --only stage2-shipped stage3-1024-shipped
 else
-  $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { log "no CUDA device: stop"; return 1; }
-fi
-SLUG=$(python3 -c "from pixart_ds.hardware import device_record; print(device_record()['slug'])" 2>/dev/null || echo gpu)
-log "hardware slug: $SLUG"
-
-# 1. GPU tests (modules whose imports are missing on this image are reported, not fatal).
-part "pytest -m gpu" 75 $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors -x tests/
-
-# 2. Throughput of every stage at the recipe's model, resolution and per-GPU batch (one process each).
-for r in stage2_sam256 stage1_imagenet256 stage3_hq256 stage3_hq512 stage3_hq1024; do
-  part "throughput $r" 75 $PY benchmarks/throughput.py "recipes/$r.yaml" --warmup 3 --steps 8 --no-progress
-done
-part "gpu_days" 30 $PY benchmarks/gpu_days.py --hardware "$SLUG"
-
-# 3. Ours vs diffusers at PixArt-XL/2, 256 px, bf16.
-part "vs_reference" 90 $PY benchmarks/vs_reference.py --preset PixArt-XL/2 --batch 32 --dtype bf16 --repeats 6
-
-# 4. Attention kernels (benchmarks/gpu_attention.py, when present).
-if [ -f benchmarks/gpu_attention.py ]; then
-  part "gpu_attention" 60 $PY benchmarks/gpu_attention.py
-else
-  STATUS+=("gpu_attention: not present")
+  MFU_DEADLINE=$(( $(left) - 110 ))
+  part "gpu_mfu" $((MFU_DEADLINE + 30)) $PY benchmarks/gpu_mfu.py --out "$REC" --deadline-s "$MFU_DEADLINE"
 fi
 
-# 5. adaLN ablation: parameters, memory and throughput of both variants at the same batch (no training here).
-part "ablation_adaln (params/memory/throughput)" 130 $PY benchmarks/ablation_adaln.py --skip-training
+# 3. GPU tests (skipped, not failed, on a machine without CUDA)
+part "pytest -m gpu" 80 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_model.py tests/test_gpu_train.py
 
-# 6. The MFU goal without recomputation: stage 2 at a batch that fits without grad checkpointing.
-part "throughput stage2 no-recompute" 60 $PY benchmarks/throughput.py recipes/stage2_sam256.yaml \
-  --set model.grad_checkpointing=false --set train.micro_batch_size=64 --tag nockpt-b64 --warmup 3 --steps 8 --no-progress
-part "gpu_days (final)" 30 $PY benchmarks/gpu_days.py --hardware "$SLUG"
+# 4. GPU-days of every variant whose Table-4 stages all finished (a variant with a stage missing is named, not drawn)
+if [ -s "$REC" ]; then
+  for v in shipped gpu; do
+    $PY benchmarks/gpu_days_report.py "$REC" --variant "$v" --out "$RES" $([ "$DRY" -eq 1 ] && echo --as-measured) \
+      || log "gpu_days $v: not every stage measured"
+  done
+fi
 
-# ---------------------------------------------------------------------------------------------------------------
-SUMMARY="$RES/gpu_check_${SLUG}_$(date -u +%Y%m).md"
+SUMMARY="$OUTRES/gpu_check_${SLUG}.md"
 {
   echo "# GPU check on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
   echo
-  echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START )) s, commit $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null)."
+  echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START )) s of a ${BUDGET} s budget, commit $PIXART_DS_COMMIT."
   echo
   for s in "${STATUS[@]}"; do echo "- $s"; done
-  echo
-  echo "Results (this run):"
-  echo
-  find "$RES" -maxdepth 1 -type f -newer "$STAMP_FILE" ! -name "$(basename "$SUMMARY")" -printf '- %f\n' | sort
 } >"$SUMMARY"
 cat "$SUMMARY"
 if [ "$OUTRES" != "$RES" ]; then
-  cp "$SUMMARY" "$OUTRES/"
-  (cd "$RES" && find . -maxdepth 1 -type f -newer "$STAMP_FILE" -printf '%f\n' | sort | \
-    tar -czf "$OUTRES/gpu_results_${SLUG}_$(date -u +%Y%m).tar.gz" -T -) && \
-    log "packed $(tar -tzf "$OUTRES/gpu_results_${SLUG}_$(date -u +%Y%m).tar.gz" | wc -l) files into $OUTRES"
-  cp "$RES"/gpu_days_"${SLUG}"_*.md "$OUTRES/" 2>/dev/null || true
+  cp "$REC" "$OUTRES/" 2>/dev/null || true
+  cp "$RES"/gpu_days_"${SLUG}"*.md "$RES"/gpu_days_"${SLUG}"*.json "$OUTRES/" 2>/dev/null || true
 fi
 log "done: $([ $FAILED -eq 0 ] && echo 'all parts passed' || echo 'some parts failed (see above)')"
 return $FAILED
 }
 
 main 2>&1 | tee "$LOG"
-RC=$?
-rm -f "$STAMP_FILE"
-exit $RC
+exit "${PIPESTATUS[0]}"

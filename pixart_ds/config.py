@@ -91,10 +91,14 @@ class ModelConfig:
     """PixArtMS: size and aspect-ratio embeddings, positional embedding recomputed per (h, w)."""
     pe_interpolation: Optional[float] = None
     """Positional-embedding grid scale; null = data.resolution / 512 (0.5 / 1 / 2 at 256 / 512 / 1024 px)."""
-    attention: Literal["auto", "flash", "sdpa", "math"] = "auto"
-    """Attention kernels: flash (flash-attn), sdpa (torch), math (fp32 reference), auto = the fastest present."""
+    attention: Literal["auto", "torch-flash", "flash-attn", "flash", "sdpa", "math"] = "auto"
+    """Kernels (model/attention.py): torch-flash, flash-attn (alias flash), sdpa, math; auto = by what is present."""
     grad_checkpointing: bool = False
-    """Recompute block activations in the backward pass (less memory, about 1/3 more compute)."""
+    """Recompute the transformer blocks' forward in the backward pass instead of keeping their activations."""
+    grad_checkpointing_every: int = 1
+    """With grad_checkpointing: recompute every k-th block only (1 = all blocks, 2 = blocks 0, 2, 4, ...)."""
+    compile: Literal["none", "blocks"] = "none"
+    """torch.compile each transformer block (regional: one graph shared by all blocks; parameters stay plain)."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,8 @@ class DataConfig:
     """Samples to download ahead per worker from a remote (null: Streaming's default)."""
     on_corrupt: Literal["stop", "skip"] = "stop"
     """A sample that fails to decode: stop naming its shard, or replace it by another of its stream and count it."""
+    pin_memory: Optional[bool] = None
+    """Page-locked loader batches, copied to the GPU without blocking (null = on when CUDA is present)."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,14 @@ class TrainConfig:
     """Stop with a checkpoint (exit code 75, requeue) after this much wall time."""
     torch_adam: bool = False
     """DeepSpeed's torch AdamW instead of its FusedAdam (no JIT compile; for CPU)."""
+    adam: Literal["auto", "fused-adam", "torch", "torch-fused"] = "auto"
+    """AdamW kernel: DeepSpeed FusedAdam (JIT), torch foreach, torch fused; auto = torch_adam ? torch : fused-adam."""
+    overlap_comm: bool = False
+    """ZeRO: overlap the gradient reduce-scatter with the backward pass (pays off across nodes)."""
+    reduce_bucket_size: Optional[int] = None
+    """ZeRO gradient-reduction bucket in elements (null = DeepSpeed's default, 5e8)."""
+    allgather_bucket_size: Optional[int] = None
+    """ZeRO all-gather bucket for the updated parameters, in elements (null = DeepSpeed's default, 5e8)."""
 
 
 @dataclass(frozen=True)
@@ -589,6 +603,20 @@ def model_to_dict(model: ModelConfig, resolution: Optional[int] = None) -> dict:
     return d
 
 
+def adam_impl(cfg: Config) -> str:
+    """The AdamW kernel a run uses: fused-adam | torch | torch-fused (train.adam, with auto from train.torch_adam)."""
+    if cfg.train.adam == "auto":
+        return "torch" if cfg.train.torch_adam else "fused-adam"
+    return cfg.train.adam
+
+
+def checkpointed_blocks(cfg_model) -> list[int]:
+    """Indices of the blocks whose forward is recomputed in the backward pass (model.grad_checkpointing[_every])."""
+    if not cfg_model.grad_checkpointing:
+        return []
+    return list(range(0, cfg_model.depth, cfg_model.grad_checkpointing_every))
+
+
 def effective_lr(cfg: Config) -> float:
     if cfg.train.lr_scaling == "sqrt":
         return cfg.train.lr * math.sqrt(cfg.train.global_batch_size / 256)
@@ -644,6 +672,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if value is not None and value < 1:
             err(key, f"must be >= 1, got {value}")
 
+    if m.grad_checkpointing_every < 1:
+        err("model.grad_checkpointing_every", f"must be >= 1, got {m.grad_checkpointing_every}")
+    if t.torch_adam and t.adam == "fused-adam":
+        err("train.adam", "fused-adam contradicts train.torch_adam=true (use train.adam=torch or torch-fused)")
+    for key, value in (("train.reduce_bucket_size", t.reduce_bucket_size),
+                       ("train.allgather_bucket_size", t.allgather_bucket_size)):
+        if value is not None and value < 1:
+            err(key, f"must be >= 1 elements (or null), got {value}")
     if m.label_init_std <= 0:
         err("model.label_init_std", f"must be > 0, got {m.label_init_std}")
     if m.hidden_size % m.num_heads:

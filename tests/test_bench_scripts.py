@@ -144,19 +144,22 @@ def test_ablation_training(tmp_path):
 
 
 def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh's own logic (parts, time limits, status, summary, packing under $OUT) without a GPU:
-    with --dry-run every part only echoes its command."""
+    """benchmarks/gpu_check.sh as far as a CPU goes: its parts in order within the deadline (import check, the
+    gpu_mfu.py dry run of two rows, pytest -m gpu, the GPU-days report of the measured configs), the summary and
+    the records under $OUT; the repository's results stay untouched."""
     before = set(os.listdir(os.path.join(REPO, "benchmarks", "results")))
     p = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--dry-run"], capture_output=True,
-                       text=True, timeout=600, cwd=REPO, env=dict(os.environ, OUT=str(tmp_path)))
+                       text=True, timeout=900, cwd=REPO,
+                       env=dict(os.environ, OUT=str(tmp_path), GPU_KIT=str(tmp_path / "no-kit"),
+                                CUDA_VISIBLE_DEVICES=""))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = tmp_path / "benchmarks" / "results"
     names = sorted(os.listdir(res))
-    assert "gpu_check.log" in names and any(n.startswith("gpu_results_") and n.endswith(".tar.gz") for n in names)
+    assert "gpu_check.log" in names and any(n.startswith("gpu_mfu_cpu-") and n.endswith(".jsonl") for n in names)
     summary = open(res / next(n for n in names if n.startswith("gpu_check_") and n.endswith(".md"))).read()
-    for part in ("pytest -m gpu: ok", "throughput stage1_imagenet256: ok", "throughput stage3_hq1024: ok",
-                 "vs_reference: ok", "ablation_adaln (params/memory/throughput): ok", "gpu_days (final): ok"):
-        assert part in summary, part
+    for part in ("import check: ok", "gpu_mfu (dry run): ok", "pytest -m gpu: ok"):
+        assert part in summary, summary
     log = open(res / "gpu_check.log").read()
-    assert "benchmarks/throughput.py recipes/stage3_hq512.yaml" in log and "done: all parts passed" in log
+    assert log.index("START import check") < log.index("START gpu_mfu") < log.index("START pytest -m gpu")
+    assert "done: all parts passed" in log
     assert set(os.listdir(os.path.join(REPO, "benchmarks", "results"))) == before  # a dry run writes nothing there

@@ -6,7 +6,8 @@ import pytest
 
 from pixart_ds import config
 
-RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml"))
+                 + glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "gpu", "*.yaml")))
 NAMES = {os.path.basename(p)[:-5]: p for p in RECIPES}
 
 
@@ -66,3 +67,21 @@ def test_ablation_recipes_differ_only_in_adaln():
     a, b = config.load(NAMES["ablation_adaln"]), config.load(NAMES["ablation_adaln_single"])
     assert (a.model.adaln, b.model.adaln) == ("block", "single")
     assert config.diff(a, b) == ["model.adaln", "name", "run_dir"]
+
+
+# Keys a GPU variant (recipes/gpu/<stage>_gpu.yaml) may change: how fast the same training runs, never what it trains.
+SPEED_KEYS = {"name", "model.grad_checkpointing", "model.grad_checkpointing_every", "model.compile", "model.attention",
+              "train.micro_batch_size", "train.adam", "train.overlap_comm", "train.reduce_bucket_size",
+              "train.allgather_bucket_size", "data.pin_memory"}
+
+
+@pytest.mark.parametrize("stage", sorted(TABLE4))
+def test_gpu_variants_differ_only_in_speed_switches(stage):
+    base, gpu = config.load(NAMES[stage]), config.load(NAMES[f"{stage}_gpu"])
+    changed = set(config.diff(base, gpu))
+    assert changed <= SPEED_KEYS and changed - {"name"}, changed
+    # The paper's GPU count still gives the same global batch with a whole accumulation (no lowered micro batch).
+    gpus = {"stage1_imagenet256": 8, "stage3_hq1024": 32}.get(stage, 64)
+    micro, accum = config.batch_plan(gpu, gpus)
+    assert micro == gpu.train.micro_batch_size and micro * accum * gpus == base.train.global_batch_size
+    assert config.adam_impl(gpu) == "torch-fused"

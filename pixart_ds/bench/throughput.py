@@ -30,7 +30,7 @@ from pixart_ds import hardware as H
 from pixart_ds.bench.report import gib, hardware_md, peak_rss_reset, rss_bytes, versions_md, yaml_block
 from pixart_ds.diffusion.schedule import Schedule
 from pixart_ds.model.attention import resolve_backend
-from pixart_ds.model.flops import format_flops, image_flops
+from pixart_ds.model.flops import format_flops, image_flops, recompute_fraction
 from pixart_ds.model.pixart import build_model
 from pixart_ds.train import zero
 from pixart_ds.train.ema import EMA
@@ -154,7 +154,7 @@ def measure(cfg: C.Config, *, warmup: int = 2, steps: int = 5, ema: bool = True,
     total = sum(times)
     ips = micro * steps / total
     model_tflops = ips * f.train / 1e12
-    hw_tflops = ips * f.train_step(cfg.model.grad_checkpointing) / 1e12
+    hw_tflops = ips * f.train_step(recompute_fraction(cfg.model)) / 1e12
     peak = hw.get("peak_tflops")
     results = {
         "step_time_s": _stats(times),

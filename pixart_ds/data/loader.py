@@ -406,7 +406,7 @@ def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, cl
         batch_size=micro_batch_size,
         num_workers=workers,
         drop_last=True,  # every rank yields the same number of full batches; no ragged micro-batch at epoch end
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if d.pin_memory is None else bool(d.pin_memory),
         persistent_workers=False,
         prefetch_factor=2 if workers > 0 else None,
     )

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pixart_ds.config import VAE_DOWNSAMPLE, Config, ModelConfig
+from pixart_ds.config import VAE_DOWNSAMPLE, Config, ModelConfig, checkpointed_blocks
 
 # The timestep and size embedders start from a 256-wide sinusoid (official TimestepEmbedder.frequency_embedding_size).
 FREQ_EMBED = 256
@@ -57,9 +57,10 @@ class ImageFlops:
     text_len: int  # caption tokens L attended by cross-attention (0 for class conditioning)
     components: dict = field(default_factory=dict)  # forward FLOPs by component, summing to `forward`
 
-    def train_step(self, recompute: bool) -> int:
-        """FLOPs the hardware executes per image in one training step."""
-        return self.train_recompute if recompute else self.train
+    def train_step(self, recompute: bool | float) -> int:
+        """FLOPs the hardware executes per image in one training step; `recompute` is a bool or the fraction of
+        blocks recomputed (recompute_fraction: model.grad_checkpointing_every)."""
+        return self.train + round(self.blocks_forward * float(recompute))
 
     def as_dict(self) -> dict:
         return {
@@ -132,11 +133,16 @@ def image_flops(model: ModelConfig | Config, resolution: int | None = None, *, l
                       text_len=L, components=c)
 
 
+def recompute_fraction(model: ModelConfig) -> float:
+    """Share of the blocks whose forward runs twice (model.grad_checkpointing, every grad_checkpointing_every-th)."""
+    return len(checkpointed_blocks(model)) / model.depth
+
+
 def train_flops_per_image(cfg: Config, *, hardware: bool = False, text_len: int | None = None) -> int:
     """Model FLOPs (hardware=False; MFU) or executed FLOPs (hardware=True: + recomputation if the recipe enables
     model.grad_checkpointing; HFU) of one training image of the recipe."""
     f = image_flops(cfg, text_len=text_len)
-    return f.train_step(hardware and cfg.model.grad_checkpointing)
+    return f.train_step(recompute_fraction(cfg.model) if hardware else 0.0)
 
 
 def format_flops(x: float) -> str:

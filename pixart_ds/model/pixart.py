@@ -26,7 +26,7 @@ from torch import nn
 
 from pixart_ds import config
 from pixart_ds.model.attention import (CrossAttention, SelfAttention, TextContext, check_backend, make_text_context,
-                                       resolve_backend)
+                                       packs_captions, resolve_backend)
 from pixart_ds.model.layers import (CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, SizeEmbedder,
                                     TimestepEmbedder, modulate)
 from pixart_ds.model.pos_embed import sincos_2d
@@ -104,6 +104,7 @@ class PixArt(nn.Module):
         self.base_size = input_size // m.patch_size  # tokens per side at the training resolution
         self.attention_backend = m.attention
         self.grad_checkpointing = m.grad_checkpointing
+        self.grad_checkpointing_every = getattr(m, "grad_checkpointing_every", 1)  # recompute blocks 0, k, 2k, ...
 
         self.x_embedder = PatchEmbed(m.patch_size, m.in_channels, hidden)
         self.t_embedder = TimestepEmbedder(hidden)
@@ -173,12 +174,20 @@ class PixArt(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def set_attention(self, backend: str) -> None:
-        """Switch every attention layer to `backend` (auto | flash | sdpa | math); weights are unchanged."""
+        """Switch every attention layer to `backend` (pixart_ds.model.attention.BACKENDS); weights are unchanged."""
         check_backend(backend)
         self.attention_backend = backend
         for module in self.modules():
             if isinstance(module, (SelfAttention, CrossAttention)):
                 module.backend = backend
+
+    def compile_blocks(self) -> None:
+        """Regional torch.compile: each block's forward is compiled in place (nn.Module.compile), so parameters,
+        their names and the state dict stay those of the plain model (what DeepSpeed ZeRO partitions and
+        checkpoints), and the blocks, identical in code, share one compiled graph (torch.compile's regional
+        compilation recipe) instead of one graph for the whole network: compile time stays that of one block."""
+        for block in self.blocks:
+            block.compile()
 
     # ------------------------------------------------------------------------------------------------------------
     def pos_embed_for(self, gh: int, gw: int, device, dtype) -> torch.Tensor:
@@ -230,11 +239,11 @@ class PixArt(nn.Module):
                 mask = torch.where(drop.to(mask.device).reshape(-1, 1), torch.ones_like(mask), mask)
             yp = self.y_embedder(y, drop)  # [B, L, hidden]
             backend = resolve_backend(self.attention_backend, yp)
-            ctx = make_text_context(yp, mask, pack=backend == "flash")
+            ctx = make_text_context(yp, mask, pack=packs_captions(backend))
 
         mod = self.t_block(c) if self.cfg.adaln == "single" else c  # [B, 6*hidden] or [B, hidden]
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled() and i % self.grad_checkpointing_every == 0:
                 x = torch.utils.checkpoint.checkpoint(block, x, mod, ctx, use_reentrant=False)
             else:
                 x = block(x, mod, ctx)
@@ -252,8 +261,10 @@ class PixArt(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(cfg) -> PixArt:
     """The model a recipe describes (latent size and positional-embedding scale derived in config.py)."""
-
-    return PixArt(cfg.model, config.latent_size(cfg), config.pe_interpolation(cfg))
+    model = PixArt(cfg.model, config.latent_size(cfg), config.pe_interpolation(cfg))
+    if cfg.model.compile == "blocks":
+        model.compile_blocks()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

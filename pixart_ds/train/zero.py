@@ -81,6 +81,13 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
     """The DeepSpeed config dict for this recipe at this world size."""
     t = cfg.train
     micro, accum = C.batch_plan(cfg, world_size)
+    adam = C.adam_impl(cfg)
+    zero_opt: dict[str, Any] = {"stage": t.zero_stage, "contiguous_gradients": True,
+                                "overlap_comm": bool(t.overlap_comm)}
+    if t.reduce_bucket_size is not None:
+        zero_opt["reduce_bucket_size"] = int(t.reduce_bucket_size)
+    if t.allgather_bucket_size is not None:
+        zero_opt["allgather_bucket_size"] = int(t.allgather_bucket_size)
     d: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -93,10 +100,13 @@ def ds_config(cfg: C.Config, world_size: int, load_universal: bool = False) -> d
                 "betas": list(t.adam_betas),
                 "eps": t.adam_eps,
                 "weight_decay": t.weight_decay,  # per-group values in param_groups() take precedence
-                "torch_adam": bool(t.torch_adam),
+                # fused-adam: DeepSpeed's FusedAdam (JIT-built op). Otherwise DeepSpeed constructs torch.optim.AdamW
+                # with these params, so `fused` reaches torch (engine._configure_basic_optimizer).
+                "torch_adam": adam != "fused-adam",
+                **({"fused": True} if adam == "torch-fused" else {}),
             },
         },
-        "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": True, "overlap_comm": False},
+        "zero_optimization": zero_opt,
         # Explicit (docs/stack.md: DeepSpeed >= 0.18 logs at WARNING): our metrics.jsonl is the log, DeepSpeed's own
         # progress lines stay rare.
         "log_level": "warning",
