@@ -22,6 +22,8 @@ from pixart_ds import config as C
 from pixart_ds.bench import gpu_days as gd
 from pixart_ds.bench import report
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 def fail(msg: str) -> int:
