@@ -217,3 +217,21 @@ def test_demo_t5_features_bind_each_colour_to_its_noun(tmp_path):
         assert _role_probe_score(plain) < 0.5
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fit_vae_verb_writes_a_loadable_vae(run_cli, tmp_path):
+    """`pixart-ds fit-vae` (how the shipped pixart_ds/data/assets/synthetic_vae was made), at a tiny size: an
+    AutoencoderKL folder from_pretrained reads, its scaling_factor = 1 / std of the posterior means, fit.json beside."""
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "vae"
+    p = run_cli("fit-vae", "--out", out, "--steps", 2, "--batch-size", 4, "--num-images", 16, "--workers", 1,
+                timeout=900, check=True)
+    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    assert stats["steps"] == 2 and stats["num_images"] == 16 and stats["scaling_factor"] > 0
+    assert json.loads((out / "fit.json").read_text()) == stats
+    vae = AutoencoderKL.from_pretrained(str(out), local_files_only=True)
+    assert vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary folder left beside it
+    p = run_cli("fit-vae", "--out", out, "--steps", 0)
+    assert p.returncode == 2 and p.stderr.startswith("pixart-ds fit-vae: error:")

@@ -125,7 +125,7 @@ class _Phases:
 
     def end(self, note: str = "") -> None:
         name, t = self._cur
-        self.seconds[name] = round(time.perf_counter() - t, 1)
+        self.seconds[name] = round(time.perf_counter() - t, 3)
         if note:
             self.notes[name] = note
         _say(f"== {name} done in {_fmt_s(self.seconds[name])}" + (f" ({note})" if note else ""))

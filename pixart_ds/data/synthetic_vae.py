@@ -53,6 +53,10 @@ def build_vae():
 
 def fit(out: str, steps: int = 4000, batch_size: int = 64, num_images: int = 20000, seed: int = 1234,
         lr: float = 1e-3, kl_weight: float = 1e-6, device: str | None = None, workers: int = 2) -> dict:
+    for name, value in (("steps", steps), ("batch-size", batch_size), ("num-images", num_images),
+                        ("workers", workers)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be >= 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     t0 = time.time()

@@ -59,9 +59,10 @@ DATA_ERROR_EXIT_CODE = 2  # corrupt data with data.on_corrupt=stop: bad input, l
 class RunEnd(Exception):
     """A step that ends the run: exit code, the one line rank 0 prints, and the metrics event it records."""
 
-    def __init__(self, code: int, message: str = "", event: Optional[str] = None, **fields):
+    def __init__(self, code: int, message: str = "", event: Optional[str] = None, printed: bool = False, **fields):
         super().__init__(message)
         self.code, self.message, self.event, self.fields = code, message, event, fields
+        self.printed = printed  # every rank already printed the message (a lost peer: nobody waits for rank 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ class Run:
             return None
         # Now, not after the loop: the launcher's SIGTERM may follow shortly (its handler is restored below).
         print(f"pixart-ds train: error: {msg}", file=sys.stderr, flush=True)
-        return RunEnd(LOST_RANK_EXIT_CODE, "", "rank_lost", message=msg, lost_ranks=lost)
+        return RunEnd(LOST_RANK_EXIT_CODE, msg, "rank_lost", printed=True, lost_ranks=lost)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, faults: Faults, allo
 def _report(run: Run, end: RunEnd) -> None:
     """Rank 0's last line (after the progress bar is closed, so it starts on a line of its own)."""
     main, step = run.env.rank == 0, run.step_no
-    if main and end.message:
+    if main and end.message and not end.printed:
         print(f"pixart-ds train: error: {end.message}", file=sys.stderr, flush=True)
     if main and end.code == 0:
         print(f"pixart-ds train: done at step {step}; checkpoints in {ckpt.ckpt_root(run.cfg.run_dir)}; "

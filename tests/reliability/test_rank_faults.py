@@ -170,9 +170,9 @@ def test_fetch_watchdog_ends_a_stalled_wait_and_stays_quiet_otherwise():
     import subprocess
     import sys
 
-    code = ("import time\nfrom pixart_ds.train.trainer import _FetchWatchdog\n"
-            "with _FetchWatchdog(5, lambda: 'never'):\n    pass\n"
-            "with _FetchWatchdog(1, lambda: 'stuck fetch'):\n    time.sleep(60)\n")
+    code = ("import time\nfrom pixart_ds.train.resilience import FetchWatchdog\n"
+            "with FetchWatchdog(5, lambda: 'never'):\n    pass\n"
+            "with FetchWatchdog(1, lambda: 'stuck fetch'):\n    time.sleep(60)\n")
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 4 and p.stderr.strip().splitlines()[-1] == "pixart-ds train: error: stuck fetch", p.stderr
