@@ -453,7 +453,7 @@ def _verdict(xa: list, xb: list) -> tuple[float, float, str]:
                    "within the seed noise (< 2 standard errors)")
 
 
-def plot_pair(runs: dict, arms: tuple, path: str, title: str) -> None:
+def plot_pair(runs: dict, arms: tuple, path: str, title: str, budget: dict) -> None:
     import matplotlib  # heavy: only the report phase plots
 
     matplotlib.use("Agg")
@@ -467,7 +467,10 @@ def plot_pair(runs: dict, arms: tuple, path: str, title: str) -> None:
             seeds = runs.get(arm, {})
             series = {}
             for seed, r in seeds.items():
-                xs = [c["step"] for c in r["curve"]]
+                # x: images trained on, stage 1's included for the arms that start from it, so the re-param pair
+                # is compared at equal total budget (the scratch arm's extra steps are stage 1's images)
+                base = budget["stage1_images"] if arm != "scratch" else 0
+                xs = [base + c["step"] * budget["stage2_batch"] for c in r["curve"]]
                 ys = [c[key]["alignment"] for c in r["curve"]]
                 ax.plot(xs, ys, color=colors[arm], alpha=0.3, lw=1)
                 for x, y in zip(xs, ys):
@@ -476,7 +479,8 @@ def plot_pair(runs: dict, arms: tuple, path: str, title: str) -> None:
                 xs = sorted(series)
                 ax.plot(xs, [np.mean(series[x]) for x in xs], color=colors[arm], lw=2, marker="o",
                         label=f"{LABEL[arm]} (mean of {len(seeds)} seeds)")
-        ax.set_xlabel("stage-2 optimizer step (global batch 32)")
+        ax.set_xlabel("images trained on (stage 1 included)")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     ax = axes[2]  # FID of the last checkpoint: one dot per seed, the bar is the mean
@@ -543,7 +547,8 @@ def report(a, p: dict, st: dict) -> list[str]:
         blobs = {}
         with tempfile.TemporaryDirectory() as tmp:
             png = os.path.join(tmp, "p.png")
-            plot_pair(runs, arms, png, f"{LABEL[arms[0]]} vs {LABEL[arms[1]]} — embedded dataset, {hw['name']}")
+            plot_pair(runs, arms, png, f"{LABEL[arms[0]]} vs {LABEL[arms[1]]} — embedded dataset, {hw['name']}",
+                      st["budget"])
             blobs[f"{base}.png"] = open(png, "rb").read()
         for arm in arms:
             r0 = runs.get(arm, {}).get(min(runs.get(arm, {}) or [0]))
