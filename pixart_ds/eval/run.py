@@ -408,7 +408,7 @@ def run_eval(gen: Generator, desc: dict, *, prompts: list[str], prompts_path: st
 def _load_first(img_dir, plist, sample, gen, k, saved) -> torch.Tensor:
     """The first k images for the grid: from the saved PNGs, or regenerated (same prompts and seeds)."""
     if saved:
-        return torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(img_dir, f"{i:06d}.png"))
+        return torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(img_dir, f"{i:06d}.png"))
                                                         .convert("RGB"))).permute(2, 0, 1) for i in range(k)])
     return gen.images(plist[:k], [sample.seed + i for i in range(k)])
 
