@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -288,7 +287,7 @@ class _Scoring:
         return Generator(model, mc, self.vae, self.tok, self.te, Schedule.linear(), res, res, self.st["vae_scale"],
                          "cpu", SampleSettings(s.sampler, s.steps, s.guidance, s.seed, 32, "null"), "null")
 
-    def score(self, ckpt_dir: str, n_images: int, grid_dir: Optional[str] = None, fid: bool = True) -> dict:
+    def score(self, ckpt_dir: str, n_images: int, grid_dir: str | None = None, fid: bool = True) -> dict:
         """The judge on held-out and in-distribution prompts; with `fid`, FID/KID over both sets together (the
         random Inception costs ~0.5 s per image on 2 cores: the curve points are judged only)."""
 
@@ -310,7 +309,7 @@ class _Scoring:
         ref = self.scorer.reference
         out["fid"] = M.fid(allf, ref)
         out["kid"] = M.kid(allf, ref.get("features"), 100, 1000, 0)
-        out["num_images"] = int(len(allf))
+        out["num_images"] = len(allf)
         out["reference_images"] = int(ref["n"])
         return out
 
@@ -530,7 +529,8 @@ def report(a, p: dict, st: dict) -> list[str]:
     for pair, arms in PAIRS.items():
         base = R.stem(f"ablation_{pair}-judged", hw["slug"])
         finals = {arm: {seed: r["final"] for seed, r in runs.get(arm, {}).items()} for arm in arms}
-        rec = {"schema": "pixart_ds.ablation_eval/1", "pair": pair, "arms": list(arms), "timestamp": R.now().isoformat(),
+        rec = {"schema": "pixart_ds.ablation_eval/1", "pair": pair, "arms": list(arms),
+               "timestamp": R.now().isoformat(),
                "hardware": hw, "versions": H.versions(), "report_commit": _commit(), "setup": st, "args": vars(a),
                "runs": {arm: {str(k): v for k, v in runs.get(arm, {}).items()} for arm in arms},
                "sampling": _sampling(),
@@ -576,7 +576,7 @@ def conclusion(rec: dict) -> str:
              f"{_ms(comp['fid']['a'])[1]:.3f} / {_ms(comp['fid']['b'])[1]:.3f} ({LABEL[A]} / {LABEL[B]}).")
     diffs = (f"{LABEL[A]} − {LABEL[B]}: held-out alignment {dh:+.3f} ± {seh:.3f} ({vh}), in-distribution "
              f"{di:+.3f} ± {sei:.3f} ({vi}), FID {df:+.3f} ± {sef:.3f} ({vf}).")
-    within = lambda v: v.startswith("within")  # noqa: E731
+    within = lambda v: v.startswith("within")
     if pair == "adaln":
         claim = ("The paper (§2.3, Fig. 6) finds adaLN-single on par with per-block adaLN (adaLN slightly lower FID) "
                  "with 26% fewer parameters and 21% less memory.")
@@ -645,8 +645,9 @@ def render_pair(rec: dict, base: str, blobs: dict) -> str:
               f"EMA weights, DPM-Solver++ {rec['sampling']['steps']} steps, guidance {rec['sampling']['guidance']} "
               f"(recipes/demo.yaml's sample section: the demo's best guidance for this model size), "
               f"image i seeded with i; half held-out prompts ((shape, colour, background) never trained on), half "
-              f"training captions. Curve points (alignment only): {a['score_images']} images at every {a['score_every']} "
-              f"steps; the last checkpoint (alignment, FID, KID): {_final_n(runs)} images. Mean ± standard deviation over seeds.", ""]
+              f"training captions. Curve points (alignment only): {a['score_images']} images at every "
+              f"{a['score_every']} steps; the last checkpoint (alignment, FID, KID): {_final_n(runs)} images. Mean ± "
+              f"standard deviation over seeds.", ""]
     def col(arm, f):
         vals = [f(r) for r in runs.get(arm, {}).values()]
         return _fmt_ms(vals)
@@ -674,9 +675,10 @@ def render_pair(rec: dict, base: str, blobs: dict) -> str:
     spd = rec["speed"]
     if spd and pair == "adaln":
         sb, ss = spd["block"], spd["single"]
-        mem = lambda s: s["memory"].get("peak_allocated_bytes") or s["memory"].get("peak_rss_bytes")  # noqa: E731
+        mem = lambda s: s["memory"].get("peak_allocated_bytes") or s["memory"].get("peak_rss_bytes")
         lines.append(f"| step time, median (throughput.py, 1 process, batch 16) | {sb['step_time_s']['median']:.4f} s"
-                     f" | {ss['step_time_s']['median']:.4f} s | {100 * (sb['step_time_s']['median'] - ss['step_time_s']['median']) / ss['step_time_s']['median']:+.1f}% |")
+                     f" | {ss['step_time_s']['median']:.4f} s | "
+                     f"{100 * (sb['step_time_s']['median'] / ss['step_time_s']['median'] - 1):+.1f}% |")
         lines.append(f"| peak memory (process RSS) | {mem(sb) / 2**20:.0f} MiB | {mem(ss) / 2**20:.0f} MiB | "
                      f"{100 * (mem(sb) - mem(ss)) / mem(ss):+.1f}% |")
     elif spd:
@@ -708,7 +710,8 @@ def render_pair(rec: dict, base: str, blobs: dict) -> str:
               "its values are not comparable to any published FID (COCO FID-30K, the paper's 7.32). Lower is "
               "still closer to the training distribution. With few images it is biased upwards; the arms are "
               "compared at equal image counts.",
-              "", "## Hardware", "", R.hardware_md(rec["hardware"]), "", "## Versions", "", R.versions_md(rec["versions"])]
+              "", "## Hardware", "", R.hardware_md(rec["hardware"]), "", "## Versions", "",
+              R.versions_md(rec["versions"])]
     return "\n".join(lines) + "\n"
 
 

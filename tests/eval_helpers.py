@@ -11,7 +11,7 @@ import torch
 
 def _bytes_to_unicode() -> dict:
     """GPT-2 / CLIP's reversible byte -> printable character table (the alphabet of their BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -25,8 +25,15 @@ def _bytes_to_unicode() -> dict:
 def make_tiny_clip(path: str, seed: int = 2, image_size: int = 32) -> str:
     """A random CLIPModel (2 layers, width 32, patch 8 on 32 px images) + CLIPProcessor whose tokenizer spells words
     out in characters (no merges), saved with save_pretrained."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTokenizer, CLIPVisionConfig)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+    )
 
     os.makedirs(path, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
@@ -42,13 +49,13 @@ def make_tiny_clip(path: str, seed: int = 2, image_size: int = 32) -> str:
     tok = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"), model_max_length=77)
     improc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
                                                                                "width": image_size})
-    cfg = CLIPConfig.from_text_vision_configs(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=2,
-                                                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                                                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
-                     CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=2, image_size=image_size, patch_size=8),
-                     projection_dim=16)
+    sot, eot = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=sot, eos_token_id=eot,
+                          pad_token_id=eot)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=8)
+    cfg = CLIPConfig.from_text_vision_configs(text, vision, projection_dim=16)
     torch.manual_seed(seed)
     CLIPModel(cfg).eval().save_pretrained(path)
     CLIPProcessor(image_processor=improc, tokenizer=tok).save_pretrained(path)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from eval_helpers import make_tiny_clip, shapes_uint8
+
 from pixart_ds import config
 from pixart_ds.eval import metrics as M
 from pixart_ds.eval.inception import inception_features, load_inception, save_random_inception
@@ -53,10 +53,8 @@ def sets(inception_file):
 
 
 def test_fid_kid_equal_torchmetrics_on_the_same_images_and_weights(inception_file, sets):
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
-
-    from torchmetrics.image.fid import NoTrainInceptionV3
 
     real, fake, fr, ff = sets
     ours = M.fid(ff, M.stats(fr))
@@ -146,8 +144,8 @@ def job(tmp_path_factory, tiny_t5_dir, tiny_vae_dir, inception_file, clip_dir):
     """A tiny random PixArt ("ours"), embedded-dataset prompts, a raw-MDS reference, and the common arguments."""
     from pixart_ds.data import convert as dconv
     from pixart_ds.data import synthetic
-    from pixart_ds.model.weights import save_ours
     from pixart_ds.model.pixart import build_model
+    from pixart_ds.model.weights import save_ours
 
     base = tmp_path_factory.mktemp("evaljob")
     cfg = config.from_dict({"model": {"preset": "tiny", "caption_channels": 32, "attention": "sdpa"},

@@ -4,8 +4,8 @@ shape); the caption projection and cross-attention keep the fresh official init 
 import torch
 
 from pixart_ds import config as C
-from pixart_ds.model.weights import save_ours
 from pixart_ds.model.pixart import build_model
+from pixart_ds.model.weights import save_ours
 from pixart_ds.train.weights import init_weights
 
 MODEL = {"preset": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2, "attention": "math"}

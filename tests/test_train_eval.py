@@ -5,8 +5,8 @@ import json
 import os
 
 import pytest
-
 from eval_helpers import eval_overrides
+
 from pixart_ds import config as C
 from pixart_ds.testing import TINY_TEXT, describe, read_metrics, run_train, write_text_shards
 

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import torch
 
 from pixart_ds import config
 from pixart_ds.diffusion.sampling import SAMPLERS, check_text_width, image_size
 from pixart_ds.dist import dist_env
-from pixart_ds.eval.run import (Generator, SampleSettings, ScoreSettings, judged, read_prompts, run_eval,
-                                weights_signature)
+from pixart_ds.eval.run import (
+    Generator,
+    SampleSettings,
+    ScoreSettings,
+    judged,
+    read_prompts,
+    run_eval,
+    weights_signature,
+)
 from pixart_ds.model.encoders import load_text_encoder, load_vae
 from pixart_ds.train.weights import build_sampling_model, resolve_checkpoint
 
 
-def load_generator(ckpt: str, *, vae: Optional[str], text_encoder: Optional[str], resolution: Optional[int],
+def load_generator(ckpt: str, *, vae: str | None, text_encoder: str | None, resolution: int | None,
                    settings: SampleSettings, use_ema: bool, device) -> tuple[Generator, dict]:
     """A Generator for any checkpoint `pixart-ds sample` reads (run dir / ours / diffusers), + a description."""
     if settings.sampler not in SAMPLERS:

@@ -15,8 +15,6 @@ and the average clamped at 0.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -74,8 +72,8 @@ def stats(features: np.ndarray) -> dict:
     return {"n": n, "mu": mu.numpy(), "sigma": sigma.numpy()}
 
 
-def kid(gen_features: np.ndarray, ref_features: Optional[np.ndarray], subsets: int = 100,
-        subset_size: int = 1000, seed: int = 0) -> Optional[dict]:
+def kid(gen_features: np.ndarray, ref_features: np.ndarray | None, subsets: int = 100,
+        subset_size: int = 1000, seed: int = 0) -> dict | None:
     """{"mean", "std", "subsets", "subset_size"} of torchmetrics' KID (polynomial kernel of degree 3), or None
     without reference features. subset_size is lowered to the smaller set's size."""
     if ref_features is None:

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def _images(source: str, kind: str, items: list, idx: range, resolution: int, re
     return torch.stack(out)
 
 
-def load_npz_reference(path: str, resolution: int, inception_sha: Optional[str]) -> dict:
+def load_npz_reference(path: str, resolution: int, inception_sha: str | None) -> dict:
     try:
         z = S.load_npz(path)
     except (OSError, ValueError) as e:
@@ -108,9 +108,9 @@ def load_npz_reference(path: str, resolution: int, inception_sha: Optional[str])
 
 
 def reference_stats(source: str, *, inception, inception_sha: str, resolution: int, cache_dir: str,
-                    max_images: Optional[int] = None, resize: bool = False, rank: int = 0, world: int = 1,
+                    max_images: int | None = None, resize: bool = False, rank: int = 0, world: int = 1,
                     batch_size: int = 64, wait_timeout_s: float = 86400.0,
-                    progress: Optional[Callable[[int], None]] = None) -> Optional[dict]:
+                    progress: Callable[[int], None] | None = None) -> dict | None:
     """Reference statistics {n, mu, sigma, features, path, source, ...}; computed (sharded over the ranks) and
     cached the first time. Returns None on ranks other than 0 (only rank 0 scores)."""
     if not source or not os.path.exists(source):

@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import diffusers
 import numpy as np
@@ -122,9 +121,9 @@ class Scorer:
     """What images are scored with: Inception (+ reference statistics), CLIP, the judge. Any may be absent."""
 
     inception: object = None
-    inception_sha: Optional[str] = None
-    reference: Optional[dict] = None  # pixart_ds.eval.reference: {n, mu, sigma, features, ...}
-    clip: Optional[tuple] = None  # (CLIPModel, CLIPProcessor)
+    inception_sha: str | None = None
+    reference: dict | None = None  # pixart_ds.eval.reference: {n, mu, sigma, features, ...}
+    clip: tuple | None = None  # (CLIPModel, CLIPProcessor)
     settings: ScoreSettings = field(default_factory=ScoreSettings)
 
     def features(self, images: torch.Tensor, prompts: list[str], judge: bool) -> dict:
@@ -144,7 +143,7 @@ class Scorer:
 
     def score(self, arrays: dict) -> dict:
         """Metrics of a whole set from its per-image arrays (in index order)."""
-        res: dict = {"num_images": int(len(arrays["index"])) if "index" in arrays else None}
+        res: dict = {"num_images": len(arrays["index"]) if "index" in arrays else None}
         if "inception" in arrays and self.reference is not None:
             g = arrays["inception"].astype(np.float64)
             res["fid"] = M.fid(g, self.reference)
@@ -159,9 +158,9 @@ class Scorer:
         return res
 
 
-def build_scorer(inception_path: Optional[str], reference: Optional[str], clip_path: Optional[str], resolution: int,
+def build_scorer(inception_path: str | None, reference: str | None, clip_path: str | None, resolution: int,
                  cache_dir: str, settings: ScoreSettings = ScoreSettings(), device="cpu", rank: int = 0,
-                 world: int = 1, reference_images: Optional[int] = None, reference_resize: bool = False,
+                 world: int = 1, reference_images: int | None = None, reference_resize: bool = False,
                  progress: bool = False) -> Scorer:
     """Load what is given; compute (or reuse) the reference statistics. FID/KID need both an Inception file and a
     reference; CLIP score needs a CLIP folder."""
@@ -177,7 +176,8 @@ def build_scorer(inception_path: Optional[str], reference: Optional[str], clip_p
         sc.reference = reference_stats(reference, inception=sc.inception, inception_sha=sc.inception_sha,
                                        resolution=resolution, cache_dir=cache_dir, max_images=reference_images,
                                        resize=reference_resize, rank=rank, world=world,
-                                       batch_size=settings.feature_batch_size, progress=bar.update if bar is not None else None)
+                                       batch_size=settings.feature_batch_size,
+                                       progress=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
     if clip_path:
@@ -239,7 +239,7 @@ def write_grid(images: torch.Tensor, path: str, n: int = 64) -> str:
 
 
 @torch.no_grad()
-def evaluate_model(gen: Generator, scorer: Scorer, prompts: list[str], num_images: int, grid_path: Optional[str] = None,
+def evaluate_model(gen: Generator, scorer: Scorer, prompts: list[str], num_images: int, grid_path: str | None = None,
                    grid_images: int = 16) -> dict:
     """Generate `num_images` images (image i: prompt i mod P, seed settings.seed + i), score them, write a grid of
     the first `grid_images`. Uses no global RNG and no data-loader state."""
@@ -284,12 +284,12 @@ def default_cache_dir() -> str:
 
 
 def run_eval(gen: Generator, desc: dict, *, prompts: list[str], prompts_path: str, out: str,
-             reference: Optional[str] = None, inception: Optional[str] = None, clip: Optional[str] = None,
-             num_images: Optional[int] = None, score: ScoreSettings = ScoreSettings(), shard_size: int = 256,
+             reference: str | None = None, inception: str | None = None, clip: str | None = None,
+             num_images: int | None = None, score: ScoreSettings = ScoreSettings(), shard_size: int = 256,
              save_images: bool = True, grid_images: int = 64,
-             cache_dir: Optional[str] = None, reference_images: Optional[int] = None, reference_resize: bool = False,
+             cache_dir: str | None = None, reference_images: int | None = None, reference_resize: bool = False,
              rank: int = 0, world: int = 1, device="cpu", wait_timeout_s: float = 86400.0,
-             progress: bool = True) -> Optional[dict]:
+             progress: bool = True) -> dict | None:
     """The `pixart-ds eval` job on this rank for the model in `gen` (described by `desc`, pixart_ds.commands.eval),
     see the module docstring. Returns the record on rank 0."""
     t_start = time.time()
@@ -346,8 +346,8 @@ def run_eval(gen: Generator, desc: dict, *, prompts: list[str], prompts_path: st
             imgs = gen.images([plist[i] for i in ib], [sample.seed + i for i in ib])
             if save_images:
                 for i, im in zip(ib, imgs):
-                    atomic_write(os.path.join(img_dir, f"{i:06d}.png"), Image.fromarray(im.permute(1, 2, 0).numpy()).save,
-                                 durable=False)
+                    pil = Image.fromarray(im.permute(1, 2, 0).numpy())
+                    atomic_write(os.path.join(img_dir, f"{i:06d}.png"), pil.save, durable=False)
             parts.append(scorer.features(imgs, [plist[i] for i in ib], judge))
             if bar is not None:
                 bar.update(len(ib))
@@ -371,15 +371,9 @@ def run_eval(gen: Generator, desc: dict, *, prompts: list[str], prompts_path: st
     S.wait_for_shards(shard_dir, n, shard_size, wait_timeout_s, "eval")
     arrays = S.gather_shards(shard_dir, n, shard_size)
     res = scorer.score(arrays)
-    grid = write_grid(_load_first(img_dir, plist, sample, gen, min(grid_images, n), save_images), 
+    grid = write_grid(_load_first(img_dir, plist, sample, gen, min(grid_images, n), save_images),
                       os.path.join(out, "grid.png"), grid_images)
-    ranks = {}
-    for r in range(world):
-        try:
-            with open(os.path.join(shard_dir, f".rank{r}.json")) as f:
-                ranks[r] = json.load(f)
-        except OSError:
-            pass
+    ranks = _rank_markers(shard_dir, world, t_start)
     record = {
         "metrics": res,
         "checkpoint": desc,
@@ -388,7 +382,8 @@ def run_eval(gen: Generator, desc: dict, *, prompts: list[str], prompts_path: st
         "sampling": {**asdict(sample), "unconditional": gen.uncond, "height": gen.height, "width": gen.width,
                      "image_i": "prompt i mod P, seeded with seed + i"},
         "fid_kid": None if scorer.reference is None else {
-            "library": "torchmetrics FrechetInceptionDistance / KernelInceptionDistance (torch-fidelity's Inception-v3)",
+            "library": "torchmetrics FrechetInceptionDistance / KernelInceptionDistance "
+                       "(torch-fidelity's Inception-v3)",
             "features": "2048-d pool, uint8 images resized to 299 with TF1 bilinear (antialias off)",
             "inception": os.path.abspath(inception), "inception_sha256": scorer.inception_sha,
             "reference": {k: scorer.reference.get(k) for k in ("path", "source", "n", "resolution")},
@@ -403,6 +398,21 @@ def run_eval(gen: Generator, desc: dict, *, prompts: list[str], prompts_path: st
     atomic_write_json(os.path.join(out, "eval.json"), record)
     atomic_write_text(os.path.join(out, "eval.md"), render_md(record))
     return record
+
+
+def _rank_markers(shard_dir: str, world: int, since: float, timeout_s: float = 60.0) -> dict:
+    """Each rank's account of this run ({computed, reused, images, seconds}), written after its last shard: a rank
+    may still be writing it when rank 0 has seen every shard, so wait a little for markers newer than `since`."""
+    ranks, t0 = {}, time.time()
+    while len(ranks) < world and time.time() - t0 < timeout_s:
+        for r in range(world):
+            p = os.path.join(shard_dir, f".rank{r}.json")
+            if r not in ranks and os.path.isfile(p) and os.path.getmtime(p) >= since - 1:
+                with open(p) as f:
+                    ranks[r] = json.load(f)
+        if len(ranks) < world:
+            time.sleep(0.2)
+    return ranks
 
 
 def _load_first(img_dir, plist, sample, gen, k, saved) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def load_npz(path: str) -> dict:
 
 
 def run_shards(d: str, n: int, shard_size: int, rank: int, world: int,
-               compute: Callable[[range], dict], progress: Optional[Callable[[int], None]] = None) -> dict:
+               compute: Callable[[range], dict], progress: Callable[[int], None] | None = None) -> dict:
     """Compute this rank's missing shards of items 0..n-1 into `d`. `compute(items)` returns arrays whose first
     dimension is len(items). Returns {"computed": [k...], "reused": [k...]} for this rank."""
     os.makedirs(d, exist_ok=True)

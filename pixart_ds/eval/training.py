@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ class TrainingEvaluator:
 
     def __init__(self, cfg: C.Config, device: torch.device, run_dir: str):
         self.cfg, self.device, self.run_dir = cfg, device, run_dir
-        self.gen: Optional[Generator] = None
+        self.gen: Generator | None = None
         self.scorer = None
         self.prompts = eval_prompts(cfg)
 
