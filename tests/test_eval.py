@@ -253,6 +253,11 @@ def test_two_ranks_give_the_same_numbers_as_one(one_rank, job):
             assert np.array_equal(a[key], b[key]), (k, key)
 
 
+def _shard_files(d):
+    """Finished shards (not the hidden temporary files of a shard being written)."""
+    return sorted(f for f in os.listdir(d) if f.startswith("shard_") and f.endswith(".npz"))
+
+
 def test_killed_halfway_and_rerun_it_finishes_without_redoing_finished_shards(one_rank, job):
     out = job["base"] / "killed"
     shard_dir = out / "features"
@@ -261,13 +266,13 @@ def test_killed_halfway_and_rerun_it_finishes_without_redoing_finished_shards(on
     t0 = time.time()
     done = []
     while time.time() - t0 < 300 and proc.poll() is None:
-        done = sorted(f for f in os.listdir(shard_dir) if f.endswith(".npz")) if shard_dir.is_dir() else []
+        done = _shard_files(shard_dir) if shard_dir.is_dir() else []
         if len(done) >= 2:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = sorted(f for f in os.listdir(shard_dir) if f.endswith(".npz"))
+    done = _shard_files(shard_dir)
     assert 2 <= len(done) < N_IMAGES // SHARD, f"killed too late or too early: {done}"
     assert not os.path.exists(out / "eval.json")
     mtimes = {f: os.stat(shard_dir / f).st_mtime_ns for f in done}
@@ -283,7 +288,7 @@ def test_killed_halfway_and_rerun_it_finishes_without_redoing_finished_shards(on
 
 def test_reference_statistics_are_cached_and_reused(one_rank, job):
     cache = job["base"] / "cache"
-    files = [f for f in os.listdir(cache) if f.endswith(".npz")]
+    files = [f for f in os.listdir(cache) if f.startswith("ref-") and f.endswith(".npz")]
     assert len(files) == 1  # one reference, computed by the first run and reused by the others
     z = np.load(cache / files[0])
     assert int(z["n"]) == 8 and int(z["resolution"]) == RES and z["features"].shape == (8, 2048)
