@@ -36,7 +36,10 @@ def _overrides(run_dir, shards, **extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_t5_dir, tiny_vae_dir):
     base = tmp_path_factory.mktemp("resume")
-    EVAL[:] = eval_overrides(str(base), tiny_t5_dir, tiny_vae_dir, every=10, images=2)
+    # rank 1 waits in the next step's collective while rank 0 evaluates: on a loaded 2-core machine the first
+    # evaluation (loading the random Inception and CLIP, the reference's features) can take minutes
+    EVAL[:] = eval_overrides(str(base), tiny_t5_dir, tiny_vae_dir, every=10, images=2) + \
+        ["train.collective_timeout_s=900"]
     shards = write_text_shards(str(base / "shards"), n=64)
     full, killed = str(base / "full"), str(base / "killed")
     p = run_train(TINY_TEXT, _overrides(full, shards), launcher="torchrun")
