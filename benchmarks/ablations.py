@@ -683,6 +683,10 @@ def render_pair(rec: dict, base: str, blobs: dict) -> str:
                      f"{100 * (mem(sb) - mem(ss)) / mem(ss):+.1f}% |")
     elif spd:
         lines.append("| step time | same architecture (adaLN-single) in both arms: the same step time | | |")
+    elif pair == "adaln":
+        lines.append("| step time, memory | not measured in this report (`--phase speed` on a quiet machine); "
+                     "PixArt-S/2 on this CPU: ablation_adaln-throughput / ablation_adaln_single-throughput reports "
+                     "in benchmarks/results | | |")
     lines += ["", "## Does the paper's conclusion hold here?", "", conclusion(rec), ""]
     lines += ["", "Per seed (final checkpoint):", "", "| arm | seed | steps | held-out | in-dist. | FID | training "
               "commit | init |", "|---|---|---|---|---|---|---|---|"]
