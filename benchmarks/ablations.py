@@ -676,11 +676,17 @@ def render_pair(rec: dict, base: str, blobs: dict) -> str:
     if spd and pair == "adaln":
         sb, ss = spd["block"], spd["single"]
         mem = lambda s: s["memory"].get("peak_allocated_bytes") or s["memory"].get("peak_rss_bytes")
-        lines.append(f"| step time, median (throughput.py, 1 process, batch 16) | {sb['step_time_s']['median']:.4f} s"
-                     f" | {ss['step_time_s']['median']:.4f} s | "
-                     f"{100 * (sb['step_time_s']['median'] / ss['step_time_s']['median'] - 1):+.1f}% |")
+        tb, ts = sb["step_time_s"], ss["step_time_s"]
+        lines.append(f"| step time, median ± s.d. of 40 (throughput.py, 1 process, batch 16) | "
+                     f"{tb['median']:.3f} ± {tb['stdev']:.3f} s | {ts['median']:.3f} ± {ts['stdev']:.3f} s | "
+                     f"{100 * (tb['median'] / ts['median'] - 1):+.1f}% |")
         lines.append(f"| peak memory (process RSS) | {mem(sb) / 2**20:.0f} MiB | {mem(ss) / 2**20:.0f} MiB | "
                      f"{100 * (mem(sb) - mem(ss)) / mem(ss):+.1f}% |")
+    if spd and pair == "adaln":
+        lines += ["", "Step time and memory come from `benchmarks/throughput.py` (the production train_step on "
+                  "synthetic batches) run on the two architectures one after the other, under the machine's test "
+                  "lock; a large s.d. means other work shared the cores (the reports' JSON holds every step's "
+                  "time; `--phase speed` on a quiet machine measures again).", ""]
     elif spd:
         lines.append("| step time | same architecture (adaLN-single) in both arms: the same step time | | |")
     elif pair == "adaln":
