@@ -641,6 +641,15 @@ def render_pair(rec: dict, base: str, blobs: dict) -> str:
                   "**w/o re-param** trains the same adaLN-single model from scratch for "
                   f"{b['scratch_steps']} steps: stage 2's steps plus stage 1's budget ({b['stage1_steps']} x "
                   f"{b['stage1_batch']} = {b['stage1_images']:,} images) at stage 2's batch, as the paper compared."]
+    want = len(str(a["seeds"]).split(","))
+    done = min(len(runs.get(A, {})), len(runs.get(B, {})))
+    if done < want:
+        lines += ["", f"**Status: {done} of {want} seeds per arm trained and scored** (the driver resumes the rest: "
+                  f"`python benchmarks/ablations.py --work WORK`; this report is regenerated from what is scored)."]
+    commits = sorted({r["commit"] for arm in runs.values() for r in arm.values() if r.get("commit")})
+    lines += ["", f"Training code: commit(s) {', '.join(commits) or '—'} (recorded beside each run; a `(snapshot)` "
+              "commit is a source snapshot the runs were started from, so later edits of the checkout could not "
+              "reach running jobs)."]
     lines += ["", f"Seeds: `train.seed` {a['seeds']} per arm (model init of new parts, data order, noise). Scores: "
               f"EMA weights, DPM-Solver++ {rec['sampling']['steps']} steps, guidance {rec['sampling']['guidance']} "
               f"(recipes/demo.yaml's sample section: the demo's best guidance for this model size), "
