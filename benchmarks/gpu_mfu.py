@@ -334,7 +334,7 @@ def run_config(a, row, env, device, state: dict) -> dict:
                        "memory": mem, "attention_ops": attn, "top_kernels": top,
                        "loss": {"values": losses, "finite": all(x == x and abs(x) != float("inf") for x in losses)}}}
     engine.optimizer.step = inner_step
-    del engine, model, ema, loader, it
+    engine = model = ema = loader = it = None  # free them before the next config (the closures above are done)
     return rec
 
 

@@ -151,6 +151,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="processes rendering the images (default: all cores)")
     s.set_defaults(command="fit_vae")
 
+    s = sub.add_parser("eval", help="FID / KID / CLIP score / alignment of a checkpoint on a prompt set",
+                       description="Generate images for a prompt set from a checkpoint and score them: FID and KID "
+                                   "against a reference, CLIP score, and the embedded dataset's pixel judge.")
+    s.add_argument("--ckpt", required=True, help="run directory (EMA weights), 'ours' folder or diffusers folder")
+    s.add_argument("--prompts", required=True, help="one caption per line (.txt) or JSON lines with a caption field")
+    s.add_argument("--out", required=True, help="output folder: eval.json, eval.md, grid.png, images/, features/")
+    s.add_argument("--reference", default=None,
+                   help="reference images for FID/KID: an image folder, raw MDS shards, or cached statistics (.npz)")
+    s.add_argument("--inception", default=None, help="Inception-v3 weights file (torch-fidelity's .pth format)")
+    s.add_argument("--clip", default=None, help="a local CLIP folder (transformers CLIPModel + CLIPProcessor)")
+    s.add_argument("--num-images", type=int, default=None, help="default: one per prompt; prompts repeat beyond")
+    s.add_argument("--sampler", default="dpm-solver", choices=["dpm-solver", "ddim", "ddpm"])
+    s.add_argument("--steps", type=int, default=20, help="paper: DPM-Solver++ 20 steps")
+    s.add_argument("--guidance", type=float, default=4.5, help="paper: 4.5")
+    s.add_argument("--seed", type=int, default=0, help="image i is seeded with seed + i")
+    s.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's training resolution")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--shard-size", type=int, default=256, help="images per resumable shard")
+    s.add_argument("--vae", default=None)
+    s.add_argument("--text-encoder", default=None)
+    s.add_argument("--raw", action="store_true", help="the optimizer's weights instead of the EMA")
+    s.add_argument("--uncond", default="auto", choices=["auto", "null", "empty"])
+    s.add_argument("--reference-images", type=int, default=None, help="use the first N reference images")
+    s.add_argument("--reference-resize", action="store_true",
+                   help="resize (shorter side, bicubic) and center-crop reference images of another size")
+    s.add_argument("--cache-dir", default=None,
+                   help="where reference statistics are cached (default ~/.cache/pixart_ds/eval)")
+    s.add_argument("--kid-subsets", type=int, default=100)
+    s.add_argument("--kid-subset-size", type=int, default=1000)
+    s.add_argument("--judge", default="auto", choices=["auto", "on", "off"],
+                   help="the embedded dataset's pixel judge (auto: when every prompt is one of its captions)")
+    s.add_argument("--no-images", action="store_true", help="do not keep the generated PNGs")
+    s.add_argument("--grid-images", type=int, default=64)
+    s.add_argument("--device", default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(command="eval")
+
     s = sub.add_parser("ckpt", help="checkpoint tools")
     csub = s.add_subparsers(dest="ckpt_verb", required=True)
     c = csub.add_parser("export", help="consolidated EMA (or raw) weights as safetensors")

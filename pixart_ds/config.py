@@ -275,6 +275,45 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of the EMA weights during training (pixart_ds.eval: FID / KID / CLIP score / alignment)."""
+
+    every_steps: int = 0
+    """Evaluate the EMA weights every N optimizer steps (0 = never): rank 0 generates and scores, the others wait
+    in the next step's collective, so one evaluation must take less than train.collective_timeout_s."""
+    num_images: int = 64
+    """Images per evaluation (bounded cost); image i is prompt i mod P, seeded with eval.seed + i."""
+    prompts: tuple[str, ...] = ()
+    """The fixed prompt set (class ids for class-conditional models); empty = eval.prompts_file."""
+    prompts_file: Optional[str] = None
+    """One caption per line or JSON lines with a caption field (pixart_ds.eval.run.read_prompts)."""
+    seed: int = 0
+    """Image i is sampled from seed + i, the same at every evaluation."""
+    sampler: Literal["dpm-solver", "ddim", "ddpm"] = "dpm-solver"
+    """Sampler (paper: DPM-Solver++)."""
+    steps: int = 20
+    """Sampling steps (paper: 20)."""
+    guidance: float = 4.5
+    """Classifier-free guidance scale (paper: 4.5)."""
+    batch_size: int = 16
+    """Images generated per forward batch."""
+    reference: Optional[str] = None
+    """FID/KID reference: an image folder, raw MDS shards or a statistics .npz (null = no FID/KID)."""
+    reference_images: Optional[int] = None
+    """Use the first N reference images (null = all)."""
+    inception: Optional[str] = None
+    """Inception-v3 weights file (torch-fidelity's format) for FID/KID; nothing is downloaded."""
+    clip: Optional[str] = None
+    """A local CLIP folder (transformers CLIPModel + CLIPProcessor) for CLIP score (null = none)."""
+    kid_subsets: int = 100
+    """KID subsets (subset size: min(1000, images))."""
+    grid_images: int = 16
+    """Images in the grid written to RUN_DIR/eval/step_N.png."""
+    cache_dir: Optional[str] = None
+    """Where reference statistics are cached (null = RUN_DIR/eval/cache)."""
+
+
+@dataclass(frozen=True)
 class Config:
     """A recipe: one complete run."""
 
@@ -300,6 +339,8 @@ class Config:
     """Metrics, TensorBoard, sample grids."""
     sample: SampleConfig = field(default_factory=SampleConfig)
     """Sampler of the sample grids."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training (pixart_ds.eval): FID / KID / CLIP score / alignment of the EMA weights."""
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -764,3 +805,17 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         err("train.collective_timeout_s", f"must be in [1, 10**8] seconds, got {t.collective_timeout_s}")
     if t.time_limit_s is not None and t.time_limit_s <= 0:
         err("train.time_limit_s", f"must be > 0 seconds (or null), got {t.time_limit_s}")
+    ev = cfg.eval
+    for key, value in (("eval.every_steps", ev.every_steps), ("eval.grid_images", ev.grid_images)):
+        if value < 0:
+            err(key, f"must be >= 0, got {value}")
+    for key, value in (("eval.num_images", ev.num_images), ("eval.steps", ev.steps),
+                       ("eval.batch_size", ev.batch_size), ("eval.kid_subsets", ev.kid_subsets),
+                       ("eval.reference_images", ev.reference_images)):
+        if value is not None and value < 1:
+            err(key, f"must be >= 1, got {value}")
+    if ev.every_steps > 0:
+        if not ev.prompts and not ev.prompts_file:
+            err("eval.prompts", "eval.every_steps > 0 needs a prompt set (eval.prompts or eval.prompts_file)")
+        if ev.reference and not ev.inception:
+            err("eval.inception", "eval.reference needs an Inception-v3 weights file for FID/KID")

@@ -5,7 +5,9 @@
   step 20 (DeepSpeed's files written, our marker and `latest` not yet), then resumed once more: `latest` never names
   the half-written step 20, both resumes start at step 15, and the per-step losses, grad norms and global-batch
   sample ids, in order, equal the uninterrupted run's for all 30 steps (the 64-sample dataset rolls into its second
-  epoch at step 17, so the resumes also cross an epoch boundary).
+  epoch at step 17, so the resumes also cross an epoch boundary). Evaluation during training is on in every run
+  (eval.every_steps 10: FID/KID with a random Inception, CLIP score, the judge): it must not change a single loss,
+  and the resumed run's evaluation at step 30 equals the uninterrupted run's.
 - Resuming the 2-rank step-15 checkpoint on 1 rank converts it to DeepSpeed's universal format by itself and
   continues with the same global batches (same sample ids per step) as the 2-rank runs.
 """
@@ -13,10 +15,14 @@ import os
 
 import pytest
 
+from eval_helpers import eval_overrides
 from pixart_ds.testing import TINY_TEXT, describe, latest_tag, meta, read_metrics, run_train, write_text_shards
 
 STEPS = 30
 KILL_AT = 17
+
+
+EVAL = []  # eval.* overrides, set by the fixture (they need the session's tiny T5 and VAE)
 
 
 def _overrides(run_dir, shards, **extra):
@@ -24,12 +30,16 @@ def _overrides(run_dir, shards, **extra):
          "train.global_batch_size": 4, "train.micro_batch_size": 2, "checkpoint.every_steps": 5,
          "checkpoint.keep_last": 10, "log.sample_ids": "true", "log.progress_bar": "false"}
     o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
+    return [f"{k}={v}" for k, v in o.items()] + EVAL
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_t5_dir, tiny_vae_dir):
     base = tmp_path_factory.mktemp("resume")
+    # rank 1 waits in the next step's collective while rank 0 evaluates: on a loaded 2-core machine the first
+    # evaluation (loading the random Inception and CLIP, the reference's features) can take minutes
+    EVAL[:] = eval_overrides(str(base), tiny_t5_dir, tiny_vae_dir, every=10, images=2) + \
+        ["train.collective_timeout_s=900"]
     shards = write_text_shards(str(base / "shards"), n=64)
     full, killed = str(base / "full"), str(base / "killed")
     p = run_train(TINY_TEXT, _overrides(full, shards), launcher="torchrun")
@@ -69,6 +79,12 @@ def test_kill_and_resume_is_exact(runs):
     assert len(full[1]["sample_idx"]) == 4
     assert sorted(ids[:64]) == list(range(64))  # epoch 1: every sample once, none lost or repeated
     assert len(set(ids[64:])) == len(ids[64:])  # epoch 2 so far: no repeats
+    # evaluation ran in both (and once more in the killed run before its kill) and saw the same weights at step 30
+    ev_full = {e["step"]: e for e in read_metrics(runs["full"])[1] if e["event"] == "eval"}
+    ev_res = {e["step"]: e for e in events if e["event"] == "eval"}
+    assert sorted(ev_full) == [10, 20, 30] and sorted(ev_res) == [10, 20, 30]
+    for k in ("fid", "kid", "clip_score", "alignment"):
+        assert ev_full[30][k] == ev_res[30][k], k
     # the final checkpoints agree too (same step, same images seen)
     assert meta(runs["full"], "step_00000030")["images_seen"] == meta(runs["killed"], "step_00000030")["images_seen"]
 

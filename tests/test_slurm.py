@@ -201,7 +201,7 @@ def test_local_cluster_up_is_idempotent(cluster):
 
 
 SBATCH_FILES = ["stage1.sbatch", "stage2.sbatch", "stage3.sbatch", "ablation.sbatch", "features.sbatch",
-                "caption.sbatch"]
+                "caption.sbatch", "eval.sbatch"]
 TRAINING = SBATCH_FILES[:4]
 
 
@@ -241,6 +241,9 @@ def test_sbatch_files_pick_their_recipe_and_reject_bad_variables(cluster, tmp_pa
         "ab": ("ablation.sbatch", {"VARIANT": "adaln"}, "recipes/ablation_adaln.yaml"),
         "ft": ("features.sbatch", {"IN": "raw", "OUT": "feat", "VAE": "vae"}, "features --in raw --out feat --vae vae"),
         "cp": ("caption.sbatch", {"IN": "raw", "OUT": "cap", "MODEL": "llava"}, "caption --in raw --out cap --model llava"),
+        "ev": ("eval.sbatch", {"CKPT": "run", "PROMPTS": "p.txt", "OUT": "ev", "REFERENCE": "ref", "INCEPTION": "inc.pt"},
+               "eval --ckpt run --prompts p.txt --out ev --reference ref --inception inc.pt"),
+        "no_ckpt": ("eval.sbatch", {"PROMPTS": "p.txt", "OUT": "ev"}, "set CKPT to a run directory"),
         "bad_res": ("stage3.sbatch", {"RES": "300"}, "RES=300"),
         "no_variant": ("ablation.sbatch", {}, "set VARIANT=adaln or VARIANT=adaln_single"),
         "no_in": ("features.sbatch", {"OUT": "feat", "VAE": "vae"}, "set IN to the raw MDS directory"),
@@ -254,7 +257,7 @@ def test_sbatch_files_pick_their_recipe_and_reject_bad_variables(cluster, tmp_pa
         info = wait_job(job, 120, log)
         text = read_log(log)
         assert expect in text, text
-        if key in ("bad_res", "no_variant", "no_in"):
+        if key in ("bad_res", "no_variant", "no_in", "no_ckpt"):
             assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (key, info["JobState"])
         else:
             assert info["JobState"] == "COMPLETED", (key, text)

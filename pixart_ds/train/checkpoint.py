@@ -47,7 +47,7 @@ _TAG_RE = re.compile(r"^step_(\d{8,})$")
 # Recipe keys that may change between save and resume without --allow-config-change: they do not change what is
 # trained (logging, checkpointing, sampling, stop conditions, I/O tuning, encoders used only for sample grids, the
 # micro batch: the global batch is what defines the run).
-RESUME_MUTABLE = ("name", "run_dir", "log.", "checkpoint.", "sample.", "encoders.", "train.total_steps",
+RESUME_MUTABLE = ("name", "run_dir", "log.", "checkpoint.", "sample.", "eval.", "encoders.", "train.total_steps",
                   "train.resume", "train.init_from", "train.time_limit_s", "train.collective_timeout_s",
                   "train.max_nonfinite_steps", "train.micro_batch_size", "data.num_workers", "data.predownload")
 

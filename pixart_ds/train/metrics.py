@@ -179,6 +179,15 @@ class Metrics:
         self._interval_images = 0.0
         self._interval_seconds = 0.0
 
+    def scalars(self, group: str, values: dict, step: int) -> None:
+        """Finite scalars as TensorBoard `group/name` (and W&B) at `step` (the evaluation's metrics)."""
+        vals = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            for k, v in vals.items():
+                self._tb.add_scalar(f"{group}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{group}/{k}": v for k, v in vals.items()}, step=step)
+
     def image(self, tag: str, path: str, step: int) -> None:
         if self._tb is not None:
             try:

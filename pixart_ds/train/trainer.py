@@ -37,6 +37,7 @@ from pixart_ds.data.loader import build_loader
 from pixart_ds.diffusion.sampling import generate, make_grid, to_pil
 from pixart_ds.diffusion.schedule import Schedule
 from pixart_ds.dist import DistEnv
+from pixart_ds.eval.training import TrainingEvaluator, check_eval_inputs, flat_metrics
 from pixart_ds.fsutil import atomic_write
 from pixart_ds.model.encoders import load_text_encoder, load_vae
 from pixart_ds.model.pixart import build_model
@@ -117,6 +118,7 @@ def check_inputs(cfg: C.Config) -> None:
         raise C.ConfigError("encoders.text_encoder: log.sample_every_steps > 0 needs a text encoder for the prompts")
     if sampling and not vae:
         raise C.ConfigError("encoders.vae: log.sample_every_steps > 0 needs a VAE to decode the sample grid")
+    check_eval_inputs(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,6 +205,7 @@ class Run:
     stop: StopFlag = field(default_factory=StopFlag)
     peers: list = field(default_factory=list)
     grid: Optional[_SampleGrid] = None
+    evaluator: Optional[TrainingEvaluator] = None
     nonfinite_run: int = 0
     first_bad: Optional[int] = None
     checkpoint_due: bool = False
@@ -271,6 +274,8 @@ class Run:
         self.peers = peer_table()  # (host, pid) per rank: after a failed collective, say which peer is gone
         if self.env.rank == 0 and self.cfg.log.sample_every_steps > 0:
             self.grid = _SampleGrid(self.cfg, self.device)
+        if self.env.rank == 0 and self.cfg.eval.every_steps > 0:
+            self.evaluator = TrainingEvaluator(self.cfg, self.device, self.cfg.run_dir)
 
     # ---- the steps of the loop ---------------------------------------------------------------------------------
 
@@ -352,6 +357,27 @@ class Run:
             print(f"pixart-ds train: sample grid at step {self.step_no} failed: {e}", file=sys.stderr)
             self.grid = None
 
+    def evaluate(self) -> None:
+        """Rank 0, every eval.every_steps: the EMA weights through pixart_ds.eval (no global RNG, data loader or
+        checkpoint is touched, so exact resume holds); metrics to metrics.jsonl and TensorBoard, a grid."""
+        s = self.step_no
+        if self.evaluator is None or s % self.cfg.eval.every_steps:
+            return
+        try:
+            res = self.evaluator(self.state.ema.copy_to, s)
+        except Exception as e:  # a failing evaluation must not kill a month-long run: say so, stop evaluating
+            print(f"pixart-ds train: evaluation at step {s} failed, evaluation disabled: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            self.metrics.event("eval_failed", s, error=f"{type(e).__name__}: {e}")
+            self.evaluator = None
+            return
+        flat = flat_metrics(res)
+        self.metrics.event("eval", s, **flat, images=self.cfg.eval.num_images, seconds=res["seconds"],
+                           grid=res.get("grid"), record=res["record"])
+        self.metrics.scalars("eval", flat, s)
+        if res.get("grid"):
+            self.metrics.image("eval", res["grid"], s)
+
     def stop_now(self, asked_here: bool) -> RunEnd:
         why = f"signal {signal.Signals(self.stop.signum).name}" if self.stop.signum else \
             f"train.time_limit_s={self.cfg.train.time_limit_s}"
@@ -415,6 +441,7 @@ def _fit(cfg: C.Config, env: DistEnv, device: torch.device, faults: Faults, allo
             run.sample_grid()
             if stopping:
                 raise run.stop_now(asked_here)
+            run.evaluate()
         run.finish()
     except RunEnd as e:
         end = e

@@ -73,6 +73,20 @@ def export_weights(run_dir: str, out: str, use_ema: bool = True) -> str:
             f"resolution {resolution})")
 
 
+def transfer_matching(target: dict, source: dict) -> tuple[dict, set]:
+    """(target's state dict with every tensor of `source` of the same name and shape copied in, the copied names).
+    Tensors only in `source` are dropped; tensors only in `target` keep their values."""
+    out, copied = {}, set()
+    for k, v in target.items():
+        s = source.get(k)
+        if s is not None and tuple(s.shape) == tuple(v.shape):
+            out[k] = s.detach().clone().to(v.dtype)
+            copied.add(k)
+        else:
+            out[k] = v.detach().clone()
+    return out, copied
+
+
 def init_weights(cfg: C.Config, model: torch.nn.Module) -> tuple[dict, dict, str]:
     """Weights and EMA of an earlier stage for a fresh run (`train.init_from`): (state_dict, ema_state_dict, note).
 
@@ -91,7 +105,22 @@ def init_weights(cfg: C.Config, model: torch.nn.Module) -> tuple[dict, dict, str
         src_cfg, res, raw = load_weights(path, use_ema=False, what="train.init_from")
         ema = load_weights(path, use_ema=True, what="train.init_from")[2]
     m = cfg.model
-    if src_cfg.condition == "class" and m.condition == "text":
+    if src_cfg.condition == "class" and m.condition == "text" and m.adaln == "block":
+        if src_cfg.adaln != "block":
+            raise C.ConfigError(f"train.init_from: {src} is class-conditional adaln={src_cfg.adaln}; a "
+                                f"text-conditional model.adaln=block starts from a per-block (DiT-style) model")
+        # The paper's per-block adaLN arm (§2.3, Fig. 6 "adaLN"): the DiT-style network keeps its per-block
+        # modulation MLPs, so every tensor of the class-conditional model that exists in the text-conditional one
+        # (same name, same shape) is copied; the class table is dropped, and the caption projection and
+        # cross-attention keep this run's fresh official init (cross-attention output zero, as for adaLN-single).
+        fresh = model.state_dict()
+        raw, copied = transfer_matching(fresh, raw)
+        ema, _ = transfer_matching(fresh, ema)
+        new = sorted({"blocks.N." + k.split(".")[2] if k.startswith("blocks.") else k.split(".")[0]
+                      for k in fresh if k not in copied})
+        note = (f"per-block adaLN from class-conditional {src}: {len(copied)} of {len(fresh)} tensors copied; "
+                f"fresh: {', '.join(new)}")
+    elif src_cfg.condition == "class" and m.condition == "text":
         if m.adaln != "single":
             raise C.ConfigError(f"train.init_from: {src} is class-conditional; the re-parameterization targets "
                                 f"model.adaln=single, got {m.adaln}")
