@@ -360,6 +360,7 @@ class SeenIds:
 
     def __init__(self, path: str):
         self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if os.path.exists(path):
             os.remove(path)
         self.con = sqlite3.connect(path)

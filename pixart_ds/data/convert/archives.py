@@ -51,12 +51,13 @@ def _is_table_archive(path: str) -> bool:
     return archive_stem(path).lower().endswith((".jsonl", ".json", ".csv"))
 
 
-def _walk_archives(root: str, exclude: set[str]) -> list[str]:
+def _walk_archives(root: str, exclude: set[str], prefix: str) -> list[str]:
     found = []
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        found += [os.path.join(d, f) for f in sorted(files) if is_archive(f) and not f.startswith(".")
-                  and not _is_table_archive(f) and os.path.abspath(os.path.join(d, f)) not in exclude]
+        found += [os.path.join(d, f) for f in sorted(files) if is_archive(f) and f.startswith(prefix)
+                  and not f.startswith(".") and not _is_table_archive(f)
+                  and os.path.abspath(os.path.join(d, f)) not in exclude]
     return found
 
 
@@ -79,10 +80,11 @@ def _read_list(path: str) -> list[str]:
     return out
 
 
-def resolve_inputs(inputs, what: str, exclude=()) -> tuple[Optional[str], list[str]]:
+def resolve_inputs(inputs, what: str, exclude=(), prefix: str = "") -> tuple[Optional[str], list[str]]:
     """(extracted directory or None, archives) named by `inputs` (a path or a list of them): archive files,
-    directories of archives, globs, list files; or exactly one directory of extracted images. Inside directories,
-    archived annotation files (*.jsonl.tgz, ...) and the paths in `exclude` (the caption archive) are not images."""
+    directories of archives, globs, list files; or exactly one directory of extracted images. Inside directories
+    only archives whose name starts with `prefix` ("sa_" for SA-1B) count, and never archived annotation files
+    (*.jsonl.tgz, ...) or the paths in `exclude` (the caption archive); files named explicitly always count."""
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     exclude = {os.path.abspath(e) for e in exclude if e}
     if not inputs:
@@ -92,7 +94,7 @@ def resolve_inputs(inputs, what: str, exclude=()) -> tuple[Optional[str], list[s
     for raw in map(os.fspath, inputs):
         p = os.path.expanduser(raw)
         if os.path.isdir(p):
-            found = _walk_archives(p, exclude)
+            found = _walk_archives(p, exclude, prefix)
             if found:
                 archives += found
             else:
@@ -195,6 +197,7 @@ class SamArchive(_ArchiveSource):
         held = 0
         try:
             for m in tar:
+                tar.members.clear()  # TarFile keeps every member it has read, even in stream mode
                 if not m.isfile():
                     continue
                 base = posixpath.basename(m.name)
@@ -273,6 +276,7 @@ class JourneyDBArchive(_ArchiveSource):
         seen: set[str] = set()
         prefix = archive_stem(self.path)
         for m in tar:
+            tar.members.clear()  # TarFile keeps every member it has read, even in stream mode
             base = posixpath.basename(m.name)
             if not m.isfile() or base.startswith(".") or not base.lower().endswith(IMAGE_EXTS):
                 continue
@@ -306,6 +310,7 @@ def post_join(captions, seen) -> tuple[list[Skip], dict]:
     image, as the planner reports them for files (sorted by id)."""
     if captions is None:
         return [], {}
-    skips = [Skip(sid, MISSING_IMAGE, "no image file for this caption") for sid in captions.caption_ids_not_in(seen.path)]
+    skips = [Skip(sid, MISSING_IMAGE, "no image file for this caption")
+             for sid in captions.caption_ids_not_in(seen.path)]
     skips += [Skip(sid, BAD_ANNOTATION, detail) for sid, detail in captions.problems_not_in(seen.path)]
     return skips, {}

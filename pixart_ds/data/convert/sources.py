@@ -79,6 +79,7 @@ def _open_text(path: str, members=_TABLE_MEMBERS) -> Iterator[tuple[str, io.Text
     if arc.is_archive(path):
         with tarfile.open(path, "r|*") as tar:
             for m in tar:
+                tar.members.clear()  # TarFile keeps every member it has read, even in stream mode: 10M of them
                 if m.isfile() and m.name.lower().endswith(members) \
                         and not os.path.basename(m.name).startswith("."):
                     # codecs' reader, not io.TextIOWrapper: a stream-mode member cannot answer seekable().
@@ -286,7 +287,7 @@ def plan_sam(root, captions: Optional[str], work_dir: str, progress: bool = True
     image id (see sam_caption_events; stored in `work_dir`); without them, captions stay empty (the input for
     `pixart-ds caption`). Returns (partitions, skips, summary fields, post step or None).
     The annotation JSONs are read by the writers, not here: they hold every mask and are large."""
-    extracted, archives = arc.resolve_inputs(root, "SA-1B root", exclude=[captions])
+    extracted, archives = arc.resolve_inputs(root, "SA-1B root", exclude=[captions], prefix="sa_")
     store = sam_captions(captions, work_dir, progress) if captions is not None else None
     skips: list[Skip] = store.skips() if store is not None else []
     extra = {"root": extracted or (archives[0] if len(archives) == 1 else os.path.commonpath(archives)),
