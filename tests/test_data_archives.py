@@ -116,6 +116,25 @@ def test_sam_without_captions_from_tars(fake_sam, tmp_path):
     assert sorted(samples(out)) == ["sa_1", "sa_2", "sa_3", "sa_4", "sa_5"]
 
 
+def test_sam_tar_member_edge_cases(tmp_path):
+    """A JPEG whose JSON comes first, a second copy of a JPEG, a JPEG without JSON (written, unchecked as a file
+    would be), a JSON without JPEG, directories and other files: each handled as the extracted path handles it."""
+    a, b, c = (jpeg(str(tmp_path / "src" / f"{n}.jpg"), 64 + n, 48, seed=n) for n in (1, 2, 3))
+    meta = lambda w, h: json.dumps({"image": {"width": w, "height": h}}).encode()  # noqa: E731
+    members = {"./sa_1.json": meta(65, 48), "./sa_1.jpg": a, "./sa_2.jpg": b, "./sa_2.json": meta(66, 48),
+               "./x/sa_2.jpg": b, "./sa_3.jpg": c, "./sa_4.json": meta(10, 10), "./readme.txt": b"hello"}
+    order = ["./sa_1.json", "./sa_1.jpg", "./sa_2.jpg", "./x/sa_2.jpg", "./sa_2.json", "./sa_3.jpg", "./sa_4.json",
+             "./readme.txt"]
+    tar = pack(members, str(tmp_path / "sa_000007.tar"), order)
+    out = str(tmp_path / "raw")
+    s = convert.sam(tar, out=out, workers=1, progress=False)
+    got = samples(out)
+    assert sorted(got) == ["sa_1", "sa_2", "sa_3"] and got["sa_2"]["image"] == b
+    assert [(x["id"], x["reason"]) for x in s["skips"]] == [("sa_2", "duplicate id"),
+                                                            ("sa_4", "caption without image")]
+    assert "ids_in_several_archives" not in s
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The paper's caption archive and .txt trees
 # ------------------------------------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ class SamArchive(_ArchiveSource):
                 if ext in (".jpg", ".jpeg"):
                     if stem in done or stem in waiting:
                         yield Member(Item(id=stem), skip=Skip(stem, DUPLICATE, f"{self.where(m.name)}: second "
-                                                                               "copy of this image ignored"))
+                                                                               "copy of this image ignored"),
+                                     image=False)
                         continue
                     skip, cap = self.caption_skip(stem, base)
                     if skip is not None:
@@ -289,7 +290,7 @@ class JourneyDBArchive(_ArchiveSource):
             sid = posixpath.splitext(rel)[0]
             if sid in seen:
                 yield Member(Item(id=sid), skip=Skip(sid, DUPLICATE, f"{self.where(m.name)}: second copy of this "
-                                                                     "image ignored"))
+                                                                     "image ignored"), image=False)
                 continue
             seen.add(sid)
             skip, cap = self.caption_skip(sid, base)
