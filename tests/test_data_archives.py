@@ -13,11 +13,12 @@ import threading
 import time
 
 import pytest
+from test_data_convert import check_layout, fake_journeydb, fake_sam, jpeg, skips_by_id  # noqa: F401 (fixtures)
 
 from pixart_ds.data import convert
 from pixart_ds.data.convert import archives as arc
-from pixart_ds.data.convert import iter_samples, read_summary
-from test_data_convert import check_layout, fake_journeydb, fake_sam, jpeg, skips_by_id  # noqa: F401 (fixtures)
+from pixart_ds.data.convert import read_summary
+from pixart_ds.data.schema import iter_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

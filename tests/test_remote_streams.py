@@ -9,9 +9,9 @@ import os
 import shutil
 
 import pytest
+from test_loader import TEXT_DIM, make_cfg
 
 from pixart_ds.testing import TINY_TEXT, describe, read_metrics, run_train, write_bucketed_source, write_feature_shards
-from test_loader import TEXT_DIM, make_cfg
 
 BUCKETS = {(8, 8): 20, (4, 16): 12, (16, 4): 8, (6, 10): 1}  # latent (h, w): samples; the last is too small
 

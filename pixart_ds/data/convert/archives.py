@@ -26,8 +26,8 @@ import tempfile
 from typing import Iterator, Optional
 
 from pixart_ds.data.convert._engine import (ARCHIVE_ERRORS, BAD_ANNOTATION, DUPLICATE, MISSING_CAPTION,
-                                            MISSING_IMAGE, ArchiveError, Item, Member, Partition, Skip, safe_name,
-                                            sa_image_size_stream)
+                                            MISSING_IMAGE, ArchiveError, Item, Member, Partition, Skip,
+                                            sa_image_size_stream, safe_name)
 
 ARCHIVE_EXTS = (".tar", ".tgz", ".tar.gz")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

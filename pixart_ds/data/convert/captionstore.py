@@ -28,6 +28,8 @@ import sqlite3
 import sys
 from typing import Callable, Iterable, Iterator, Optional
 
+from tqdm import tqdm
+
 from pixart_ds.data.convert._engine import BAD_ANNOTATION, DUPLICATE, Skip
 
 STORE_FILE = "captions.sqlite"
@@ -150,8 +152,6 @@ def build(store_path: str, events: Iterable[tuple], key: str = "", progress: boo
           desc: str = "captions") -> None:
     """Write a store from caption-reader events:
     (CAPTION, id, text, where) | (PROBLEM, id, detail) | (SKIP, Skip) | (META, key, value)."""
-    from tqdm import tqdm
-
     os.makedirs(os.path.dirname(os.path.abspath(store_path)), exist_ok=True)
     tmp = f"{store_path}.tmp{os.getpid()}"
     if os.path.exists(tmp):
