@@ -75,7 +75,11 @@ def test_single_scale_remote(tmp_path):
     remote = str(tmp_path / "r")
     shutil.copytree(local, remote)
     ref = _epoch(build_loader(make_cfg([dict(local=local)]), 4))
-    assert _epoch(build_loader(make_cfg([dict(local=str(tmp_path / "c"), remote=remote)]), 4)) == ref
+    cache = str(tmp_path / "c")
+    assert _epoch(build_loader(make_cfg([dict(local=cache, remote=remote)]), 4)) == ref
+    # A cache holding the index but not the first shard (evicted, or never read): fetched again on demand.
+    os.remove(os.path.join(cache, "shard.00000.mds"))
+    assert _epoch(build_loader(make_cfg([dict(local=cache, remote=remote)]), 4)) == ref
 
 
 def _edit_manifest(root, **per_dir):

@@ -42,7 +42,7 @@ from streaming.base.batching import generate_work
 from pixart_ds.config import Config, ConfigError, latent_size
 from pixart_ds.data import manifest as mf
 from pixart_ds.data.dataset import CorruptSampleError, FeatureDataset, StreamSpec, validate_stream
-from pixart_ds.data.schema import has_index, num_samples
+from pixart_ds.data.schema import has_index, num_samples, read_index
 from pixart_ds.dist import dist_env as _detect
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,15 @@ def _bucket_dirs(root: str) -> list[str]:
     return [os.path.join(root, n) for n in sorted(os.listdir(root)) if has_index(os.path.join(root, n))]
 
 
+def _first_shard_present(stream_dir: str) -> bool:
+    """Whether the shard holding a stream's first sample is in the directory (a remote's cache fills lazily)."""
+    for sh in read_index(stream_dir):
+        if int(sh["samples"]):
+            names = [sh["raw_data"]["basename"]] + ([sh["zip_data"]["basename"]] if sh.get("zip_data") else [])
+            return any(os.path.isfile(os.path.join(stream_dir, n)) for n in names)
+    return False
+
+
 def default_cache(remote: str) -> str:
     """The per-node local cache of a remote source that names no `local`."""
     return os.path.join(tempfile.gettempdir(), "pixart_ds_streams", hashlib.sha1(remote.encode()).hexdigest()[:16])
@@ -245,15 +254,16 @@ def _bucket_parts(cfg: Config, i: int, src, local: Optional[str]) -> list["_Part
                 raise ConfigError(f"{where}: the manifest and the shards disagree: {st['dir']} holds {n} samples, "
                                   f"the manifest says {st['samples']}" + (f" (a stale local cache of "
                                   f"{src.remote}? remove {sub})" if src.remote else ""))
+        elif not src.remote:
+            raise ConfigError(f"{where}: the manifest and the shards disagree: it lists {st['dir']}, which has no "
+                              f"index.json under {local}")
+        if src.remote:  # the cache may hold a stream's index but not its shards yet: the manifest's record
+            spec = _spec_from_manifest(cfg, man, st, where, sub, remote)
+        else:
             spec = validate_stream(cfg, sub)
             if st.get("latent_shape") and list(spec.latent_shape) != list(st["latent_shape"]):
                 raise ConfigError(f"{where}: the manifest and the shards disagree: {st['dir']} has "
                                   f"{list(spec.latent_shape)} latents, the manifest says {st['latent_shape']}")
-        elif not src.remote:
-            raise ConfigError(f"{where}: the manifest and the shards disagree: it lists {st['dir']}, which has no "
-                              f"index.json under {local}")
-        else:
-            spec = _spec_from_manifest(cfg, man, st, where, sub, remote)
         parts.append(_Part(i, sub, remote, st["samples"], src.proportion, spec))
     if not parts:
         raise ConfigError(f"{where}: the manifest lists no streams")
@@ -313,10 +323,10 @@ def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
         if d.multi_scale:
             parts.extend(_bucket_parts(cfg, i, src, local))
         else:
-            if local and has_index(local):
+            if local and has_index(local) and (not src.remote or _first_shard_present(local)):
                 parts.append(_Part(i, local, src.remote, num_samples(local), src.proportion,
                                    validate_stream(cfg, local)))
-            elif src.remote:
+            elif src.remote:  # a cache holding the index but not (yet) the first shard included
                 # Not downloaded yet: the expected shapes come from the recipe and are checked per sample.
                 ls = latent_size(cfg)
                 spec = StreamSpec(local or src.remote, src.remote, (cfg.model.in_channels, ls, ls),
