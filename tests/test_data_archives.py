@@ -84,28 +84,30 @@ def test_sam_tars_equal_extracted(fake_sam, tmp_path, order, monkeypatch):
 
 
 def test_sam_cli_inputs_dir_glob_list(fake_sam, tmp_path, run_cli):
-    """The same tars given as a directory, a quoted glob, a list file, or the shell's expansion: one result."""
+    """The same tars given as a directory, a quoted glob, a list file, or the shell's expansion name the same
+    archives; converted as a user types it (a quoted glob, two workers) they equal the extracted conversion."""
     root, caps, _ = fake_sam
     dl = tmp_path / "dl"
     tars = sam_tars(root, str(dl))
     (dl / "SA1B_caption.tar.gz").write_bytes(b"")  # a caption archive beside the tars is not an image archive
-    ref = str(tmp_path / "ref")
-    s_ref = convert.sam(str(root), captions=str(caps), out=ref, workers=1, progress=False)
     listing = tmp_path / "lists" / "tars.txt"
     listing.parent.mkdir()
     listing.write_text("# the SA-1B tars\n" + "\n".join(os.path.relpath(t, listing.parent) for t in tars) + "\n\n")
-    for k, inputs in enumerate([[dl], [str(dl / "sa_0000*.tar")], [listing], tars]):
-        out = str(tmp_path / f"raw{k}")
-        p = run_cli("data", "sam", *inputs, "--captions", caps, "--out", out, "--workers", "2")
-        assert p.returncode == 0, p.stderr
-        assert "wrote 3 samples" in p.stdout and "data sam archives" in p.stderr  # progress in archives and images
-        assert_same_conversion(out, ref, read_summary(out), s_ref)
-    assert arc.resolve_inputs([str(dl / "sa_0000*.tar")], "SA-1B root") == (None, sorted(tars))
-    p = run_cli("data", "sam", str(dl / "sa_9*.tar"), "--out", tmp_path / "x")
-    assert p.returncode == 2 and "no SA-1B root archives match" in p.stderr and p.stderr.strip().count("\n") == 0
+    for inputs in ([str(dl)], [str(dl / "sa_0000*.tar")], [str(listing)], tars):
+        assert arc.resolve_inputs(inputs, "SA-1B root", prefix="sa_") == (None, sorted(tars))
+    ref = str(tmp_path / "ref")
+    s_ref = convert.sam(str(root), captions=str(caps), out=ref, workers=1, progress=False)
+    out = str(tmp_path / "raw")
+    p = run_cli("data", "sam", str(dl / "sa_0000*.tar"), "--captions", caps, "--out", out, "--workers", "2")
+    assert p.returncode == 0, p.stderr
+    assert "wrote 3 samples" in p.stdout and "data sam archives" in p.stderr  # progress in archives and images
+    assert_same_conversion(out, ref, read_summary(out), s_ref)
+    with pytest.raises(FileNotFoundError, match="no SA-1B root archives match .*sa_9"):
+        arc.resolve_inputs([str(dl / "sa_9*.tar")], "SA-1B root")
     listing.write_text("../dl/sa_000000.tar\nnotes.txt\n")
     p = run_cli("data", "sam", listing, "--out", tmp_path / "x")
-    assert p.returncode == 2 and "tars.txt:2: notes.txt is not an archive" in p.stderr
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+    assert "pixart-ds data: error: " in p.stderr and "tars.txt:2: notes.txt is not an archive" in p.stderr
 
 
 def test_sam_without_captions_from_tars(fake_sam, tmp_path):
@@ -172,8 +174,8 @@ def test_caption_archive_and_txt_tree(fake_sam, tmp_path, run_cli):
     p = run_cli("data", "sam", tmp_path / "dl", "--captions", tgz, "--out", out)
     assert p.returncode == 0, p.stderr
     assert_same_conversion(out, ref, read_summary(out), s_ref)
-    p = run_cli("data", "sam", tmp_path / "dl", "--captions", tree / "part0" / "sa_1.txt", "--out", out)
-    assert p.returncode == 2 and "a .txt caption file holds one caption" in p.stderr
+    with pytest.raises(ValueError, match="a .txt caption file holds one caption"):
+        convert.sam(tars, captions=str(tree / "part0" / "sa_1.txt"), out=str(tmp_path / "x"), progress=False)
 
 
 def test_caption_store_is_reused_and_follows_its_source(fake_sam, tmp_path):
