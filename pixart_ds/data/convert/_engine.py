@@ -355,8 +355,8 @@ def check_out(out: str) -> str:
 
 
 class SeenIds:
-    """The ids of the images the streaming partitions held, in an SQLite table (millions for SA-1B), for the
-    planner's post step: `post(seen)` may query `seen.path` (table `seen(id)`) or use `missing(ids)`."""
+    """The ids of the images the streaming partitions held, in an SQLite table `seen(id)` at `path` (millions for
+    SA-1B), for the planner's post step (e.g. a caption store attaches it to find captions without an image)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -365,18 +365,13 @@ class SeenIds:
             os.remove(path)
         self.con = sqlite3.connect(path)
         self.con.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; CREATE TABLE seen (id TEXT);")
-        self.count = 0
 
     def add(self, ids: list[str]) -> None:
         self.con.executemany("INSERT INTO seen VALUES (?)", ((i,) for i in ids))
-        self.count += len(ids)
 
     def index(self) -> None:
         self.con.execute("CREATE INDEX seen_id ON seen (id)")
         self.con.commit()
-
-    def __contains__(self, sid: str) -> bool:
-        return self.con.execute("SELECT 1 FROM seen WHERE id = ? LIMIT 1", (sid,)).fetchone() is not None
 
     def repeated(self) -> list[str]:
         """Ids held by more than one source (each written once per source), sorted."""
