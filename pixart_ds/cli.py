@@ -91,15 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = s.add_subparsers(dest="kind", required=True)
     for kind in ("imagenet", "sam", "journeydb", "folder", "synthetic"):
         d = dsub.add_parser(kind)
-        if kind != "synthetic":
+        if kind in ("sam", "journeydb"):
+            d.add_argument("root", nargs="+", metavar="INPUT",
+                           help="the downloaded archives (files, directories of them, quoted globs, or list files "
+                                "of archive paths), read in place; or one directory of extracted images")
+        elif kind != "synthetic":
             d.add_argument("root")
         d.add_argument("--out", required=True)
         d.add_argument("--workers", type=int, default=None)
         d.add_argument("--shard-size-limit", type=int, default=1 << 26)
         if kind == "sam":
             d.add_argument("--captions", default=None,
-                           help="LLaVA captions keyed by image id: JSONL/CSV/JSON or a folder of <id>.txt "
-                                "(without it captions stay empty: the input for `pixart-ds caption`)")
+                           help="LLaVA captions keyed by image id: the paper's SA1B_caption.tar.gz (one sa_N.txt per "
+                                "image), a directory tree of <id>.txt, or JSONL/CSV/JSON (without it captions stay "
+                                "empty: the input for `pixart-ds caption`)")
         if kind == "journeydb":
             d.add_argument("--annotations", required=True, help="JourneyDB annotation JSONL (or its .tgz)")
             d.add_argument("--text", default="caption", choices=["caption", "prompt"],

@@ -134,7 +134,7 @@ class SourceConfig:
     """One feature-shard dataset mixed into training."""
 
     local: str = ""
-    """Feature-MDS directory (multi-scale: a directory of per-bucket streams); the cache of `remote`."""
+    """Feature-MDS directory (multi-scale: bucket streams listed in its manifest.jsonl); the cache of `remote`."""
     remote: Optional[str] = None
     """Where the shards live when not local (any Streaming remote: s3://, gs://, another directory)."""
     proportion: Optional[float] = None

@@ -29,6 +29,7 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
 
 from pixart_ds import config
 from pixart_ds.config import VAE_SCALE
+from pixart_ds.data.manifest import write_manifest
 from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS, read_index
 from pixart_ds.train.metrics import read_metrics as _read_metrics
 
@@ -192,13 +193,15 @@ def write_feature_shards(out: str, n: int, *, channels: int = 4, latent_hw=(8, 8
     return samples
 
 
-def write_bucketed_source(root: str, buckets: dict, *, seed: int = 0, **kwargs) -> dict:
-    """A multi-scale source: {(latent_h, latent_w): n} -> one stream per bucket in root/h{8*h}_w{8*w}.
-    Returns {(h, w): samples}."""
+def write_bucketed_source(root: str, buckets: dict, *, seed: int = 0, manifest: bool = True, **kwargs) -> dict:
+    """A multi-scale source: {(latent_h, latent_w): n} -> one stream per bucket in root/h{8*h}_w{8*w}, and (unless
+    `manifest` is False, as in directories written before manifests) root/manifest.jsonl. Returns {(h, w): samples}."""
     out = {}
     for k, ((h, w), n) in enumerate(sorted(buckets.items())):
         out[(h, w)] = write_feature_shards(os.path.join(root, f"h{8 * h}_w{8 * w}"), n, latent_hw=(h, w),
                                            seed=seed + 1000 * k, id_prefix=f"b{h}x{w}_", **kwargs)
+    if manifest:
+        write_manifest(root, multi_scale=True, resolution=None, condition=kwargs.get("condition", "text"))
     return out
 
 

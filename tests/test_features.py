@@ -12,7 +12,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from pixart_ds.data import buckets, convert, features
+from pixart_ds.data import buckets, convert, features, manifest
 from pixart_ds.data.convert import read_summary
 from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS, iter_samples
 from pixart_ds.dist import launch_ranks
@@ -170,6 +170,11 @@ def test_multi_scale_writes_one_stream_per_bucket(raw, tiny_vae_dir, tiny_t5_dir
     ref = reference(raw, tiny_vae_dir, tiny_t5_dir, 128, multi_scale=True)
     streams = buckets.list_bucket_streams(out)
     assert not os.path.exists(os.path.join(out, "index.json"))
+    # The manifest a remote reader plans from: every bucket stream with its size and latent shape.
+    man = manifest.read_manifest(os.path.join(out, manifest.MANIFEST_FILE))
+    assert [(m["dir"], m["samples"], m["latent_shape"]) for m in man["streams"]] == \
+        [(st["name"], st["num_samples"], [4, st["height"] // 8, st["width"] // 8]) for st in streams]
+    assert man["multi_scale"] and man["resolution"] == 128 and man["text_dim"] == 32 and man["samples"] == 6
     assert sum(st["num_samples"] for st in streams) == len(IMAGES) == s["written"]
     got = features_by_id(out)
     shapes = {}

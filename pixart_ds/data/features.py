@@ -14,6 +14,8 @@ exists do nothing; partitions without one are recomputed.
 Layout (W ranks):
     FEAT/index.json, FEAT/part-RRRRR-of-WWWWW/...                  single resolution, one stream
     FEAT/h{H}_w{W}/index.json, FEAT/h{H}_w{W}/part-RRRRR-of-WWWWW/   --multi-scale: one stream per bucket
+    FEAT/manifest.jsonl                                             the streams, their sizes and latent shapes
+                                                                    (pixart_ds.data.manifest; written last)
 
 Stored per sample (schema.FEATURE_COLUMNS; CLASS_FEATURE_COLUMNS for --class-labels):
 - vae_mean, vae_std: the posterior of the image resized + center-cropped to the resolution (or its bucket),
@@ -50,7 +52,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from pixart_ds.config import MAX_TEXT_TOKENS
-from pixart_ds.data import buckets
+from pixart_ds.data import buckets, manifest
 from pixart_ds.data.convert._engine import merge_partitions, summary_path
 from pixart_ds.data.schema import CLASS_FEATURE_COLUMNS, FEATURE_COLUMNS, INDEX_FILE, read_index
 from pixart_ds.dist import launch_ranks
@@ -433,6 +435,9 @@ def _finish(out: str, world: int, settings: dict, class_labels: bool, t0: float,
         names = [p for p in part_names if os.path.isdir(os.path.join(out, p))]
         streams["."] = merge_partitions(out, names, tmp_root=tmp)
     shutil.rmtree(tmp, ignore_errors=True)
+    # The streams and their sizes, for readers that cannot list the directory (a remote copy of it).
+    manifest.write_manifest(out, multi_scale=settings["multi_scale"], resolution=settings["resolution"],
+                            condition="class" if class_labels else "text")
 
     skips = [s for rec in records for s in rec["skips"]]
     written = sum(rec["written"] for rec in records)

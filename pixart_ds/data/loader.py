@@ -5,7 +5,10 @@ This is the only module that knows where shards live and how sources are weighte
 - Sources (`data.sources`): one feature-MDS directory each, mixed by `proportion` (relative weights; all null =
   natural sizes). Streaming draws each source's share per epoch (up- or down-sampling), so 3:1 means 3:1 per epoch.
 - Multi-scale (`data.multi_scale`): each source directory holds one stream per aspect-ratio bucket (sub-directories
-  with their own index.json, named h{H}_w{W} by pixart_ds.data.buckets). Every bucket becomes a Stream whose weight
+  with their own index.json, named h{H}_w{W} by pixart_ds.data.buckets), listed with their sizes and shapes in
+  its manifest.jsonl (pixart_ds.data.manifest), which is what makes a `remote:` multi-scale source possible: the
+  manifest is fetched into the local cache (`local`, or a per-node temporary directory) and each bucket becomes
+  Stream(remote=<remote>/<bucket>, local=<local>/<bucket>). Every bucket becomes a Stream whose weight
   is its source's proportion split by bucket size, and `batching_method="per_stream"` makes every global
   micro-batch (micro batch x ranks) come from one bucket, so no batch mixes shapes (paper §2.4, PixArtMS; official
   code: AspectRatioBatchSampler). A bucket with fewer samples than one global micro-batch cannot fill a batch and
@@ -21,6 +24,7 @@ This is the only module that knows where shards live and how sources are weighte
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -36,8 +40,9 @@ from streaming import Stream, StreamingDataLoader
 from streaming.base.batching import generate_work
 
 from pixart_ds.config import Config, ConfigError, latent_size
+from pixart_ds.data import manifest as mf
 from pixart_ds.data.dataset import CorruptSampleError, FeatureDataset, StreamSpec, validate_stream
-from pixart_ds.data.schema import has_index, num_samples
+from pixart_ds.data.schema import has_index, num_samples, read_index
 from pixart_ds.dist import dist_env as _detect
 
 logger = logging.getLogger(__name__)
@@ -188,6 +193,112 @@ def _bucket_dirs(root: str) -> list[str]:
     return [os.path.join(root, n) for n in sorted(os.listdir(root)) if has_index(os.path.join(root, n))]
 
 
+def _first_shard_present(stream_dir: str) -> bool:
+    """Whether the shard holding a stream's first sample is in the directory (a remote's cache fills lazily)."""
+    for sh in read_index(stream_dir):
+        if int(sh["samples"]):
+            names = [sh["raw_data"]["basename"]] + ([sh["zip_data"]["basename"]] if sh.get("zip_data") else [])
+            return any(os.path.isfile(os.path.join(stream_dir, n)) for n in names)
+    return False
+
+
+def default_cache(remote: str) -> str:
+    """The per-node local cache of a remote source that names no `local`."""
+    return os.path.join(tempfile.gettempdir(), "pixart_ds_streams", hashlib.sha1(remote.encode()).hexdigest()[:16])
+
+
+def _bucket_parts(cfg: Config, i: int, src, local: Optional[str]) -> list["_Part"]:
+    """The bucket streams of multi-scale source i: from its manifest (manifest.jsonl, written by `pixart-ds
+    features`; fetched from the remote into the local cache), or by listing a local directory made before
+    manifests existed. Sample counts and latent shapes come from the manifest, so a remote source is planned and
+    checked against the recipe before any shard is downloaded."""
+    key = f"data.sources[{i}]"
+    if src.remote:
+        local = local or default_cache(src.remote)
+        try:
+            man_path = mf.fetch_manifest(src.remote, local)
+        except mf.ManifestError as e:
+            raise ConfigError(f"{key}.remote: {e}") from None
+    else:
+        if not local or not os.path.isdir(local):
+            raise FileNotFoundError(f"{key}.local: {src.local}: no such directory")
+        man_path = mf.local_manifest(local)
+    if man_path is None:  # shards written before manifests: list the local bucket streams
+        dirs = _bucket_dirs(local)
+        if not dirs:
+            raise ConfigError(f"{key}.local: {local} has no per-bucket streams (sub-directories with an "
+                              f"index.json); was it made with `pixart-ds features --multi-scale`?")
+        return [_Part(i, sub, None, num_samples(sub), src.proportion, validate_stream(cfg, sub)) for sub in dirs]
+
+    where = f"{key}.{'remote' if src.remote else 'local'}: {man_path}"
+    try:
+        man = mf.read_manifest(man_path)
+    except mf.ManifestError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if not man["multi_scale"]:
+        raise ConfigError(f"{where}: single-scale features (one stream); data.multi_scale needs "
+                          f"`pixart-ds features --multi-scale`")
+    listed = {st["dir"] for st in man["streams"]}
+    if not src.remote:
+        extra = [os.path.basename(p) for p in _bucket_dirs(local) if os.path.basename(p) not in listed]
+        if extra:
+            raise ConfigError(f"{where}: the manifest and the shards disagree: {', '.join(extra)} hold a stream the "
+                              f"manifest does not list (rerun the same `pixart-ds features` command to rewrite it)")
+    parts = []
+    for st in sorted(man["streams"], key=lambda st: st["dir"]):  # name order, as listing the directory gives
+        sub = os.path.join(local, st["dir"])
+        remote = os.path.join(src.remote, st["dir"]) if src.remote else None
+        if has_index(sub):
+            n = num_samples(sub)
+            if n != st["samples"]:
+                raise ConfigError(f"{where}: the manifest and the shards disagree: {st['dir']} holds {n} samples, "
+                                  f"the manifest says {st['samples']}" + (f" (a stale local cache of "
+                                  f"{src.remote}? remove {sub})" if src.remote else ""))
+        elif not src.remote:
+            raise ConfigError(f"{where}: the manifest and the shards disagree: it lists {st['dir']}, which has no "
+                              f"index.json under {local}")
+        if src.remote:  # the cache may hold a stream's index but not its shards yet: the manifest's record
+            spec = _spec_from_manifest(cfg, man, st, where, sub, remote)
+        else:
+            spec = validate_stream(cfg, sub)
+            if st.get("latent_shape") and list(spec.latent_shape) != list(st["latent_shape"]):
+                raise ConfigError(f"{where}: the manifest and the shards disagree: {st['dir']} has "
+                                  f"{list(spec.latent_shape)} latents, the manifest says {st['latent_shape']}")
+        parts.append(_Part(i, sub, remote, st["samples"], src.proportion, spec))
+    if not parts:
+        raise ConfigError(f"{where}: the manifest lists no streams")
+    return parts
+
+
+def _spec_from_manifest(cfg: Config, man: dict, st: dict, where: str, local: str, remote: str):
+    """validate_stream's checks, on what the manifest records for a stream not downloaded yet."""
+    m = cfg.model
+    shape = st.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3):
+        raise ConfigError(f"{where}: stream {st['dir']} has no latent_shape [C, h, w]")
+    c, h, w = (int(x) for x in shape)
+    if c != m.in_channels:
+        raise ConfigError(f"model.in_channels: {m.in_channels} but {where} records {c}-channel latents")
+    if h % m.patch_size or w % m.patch_size:
+        raise ConfigError(f"model.patch_size: {m.patch_size} does not divide the {h}x{w} latents of {st['dir']} "
+                          f"({where})")
+    ls = latent_size(cfg)
+    if not 0.5 <= h * w / float(ls * ls) <= 2.0:
+        raise ConfigError(f"data.resolution: {cfg.data.resolution} px means ~{ls * ls} latent pixels per bucket but "
+                          f"{where} records {h}x{w} for {st['dir']} (buckets made for another resolution)")
+    text_dim = None
+    if m.condition == "text":
+        if man.get("condition") != "text":
+            raise ConfigError(f"model.condition: text but {where} records {man.get('condition')!r} features")
+        text_dim = man.get("text_dim")
+        if text_dim != m.caption_channels:
+            raise ConfigError(f"model.caption_channels: {m.caption_channels} but {where} records T5 width "
+                              f"{text_dim} (features made with another text encoder)")
+    elif man.get("condition") != "class":
+        raise ConfigError(f"model.condition: class but {where} records {man.get('condition')!r} features")
+    return StreamSpec(local, remote, (c, h, w), text_dim)
+
+
 @dataclass
 class _Part:
     source: int
@@ -210,22 +321,12 @@ def plan_streams(cfg: Config, global_micro_batch: int) -> list[_Part]:
         key = f"data.sources[{i}]"
         local = os.path.abspath(os.path.expanduser(src.local)) if src.local else None
         if d.multi_scale:
-            if src.remote:
-                raise ConfigError(f"{key}.remote: multi-scale sources must be local (the bucket streams are listed "
-                                  f"from the directory)")
-            if not local or not os.path.isdir(local):
-                raise FileNotFoundError(f"{key}.local: {src.local}: no such directory")
-            dirs = _bucket_dirs(local)
-            if not dirs:
-                raise ConfigError(f"{key}.local: {local} has no per-bucket streams (sub-directories with an "
-                                  f"index.json); was it made with `pixart-ds features --multi-scale`?")
-            for sub in dirs:
-                parts.append(_Part(i, sub, None, num_samples(sub), src.proportion, validate_stream(cfg, sub)))
+            parts.extend(_bucket_parts(cfg, i, src, local))
         else:
-            if local and has_index(local):
+            if local and has_index(local) and (not src.remote or _first_shard_present(local)):
                 parts.append(_Part(i, local, src.remote, num_samples(local), src.proportion,
                                    validate_stream(cfg, local)))
-            elif src.remote:
+            elif src.remote:  # a cache holding the index but not (yet) the first shard included
                 # Not downloaded yet: the expected shapes come from the recipe and are checked per sample.
                 ls = latent_size(cfg)
                 spec = StreamSpec(local or src.remote, src.remote, (cfg.model.in_channels, ls, ls),
@@ -396,6 +497,11 @@ def build_loader(cfg: Config, micro_batch_size: int, dist_env: Any = None, *, cl
         sampling_method="balanced",
         batching_method="per_stream" if d.multi_scale else "random",
     )
+    for p, n in zip(parts, ds.samples_per_stream):  # remote streams: their index.json is only read now
+        if p.samples is not None and int(n) != p.samples:
+            raise ConfigError(f"data.sources[{p.source}]: the manifest and the shards disagree: {p.remote or p.path} "
+                              f"holds {int(n)} samples, the manifest says {p.samples}"
+                              + (f" (a stale local cache? remove {p.path})" if p.remote else ""))
     if ds.epoch_size < cfg.train.global_batch_size:  # remote sources: known only now
         raise ConfigError(f"data.sources: {ds.epoch_size} samples per epoch is fewer than one global batch "
                           f"(train.global_batch_size={cfg.train.global_batch_size})")

@@ -6,10 +6,10 @@ Every function returns that summary dict.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from pixart_ds.data.convert import sources
-from pixart_ds.data.convert._engine import read_summary, run, summary_path
+from pixart_ds.data.convert._engine import check_out, read_summary, run, staging_root, summary_path
 
 __all__ = ["imagenet", "sam", "journeydb", "folder", "synthetic", "read_summary", "summary_path"]
 
@@ -24,20 +24,29 @@ def imagenet(root: str, out: str, workers: Optional[int] = None, shard_size_limi
                progress=progress)
 
 
-def sam(root: str, captions: Optional[str] = None, out: str = "", workers: Optional[int] = None,
+Inputs = Union[str, Sequence[str]]
+
+
+def sam(root: Inputs, captions: Optional[str] = None, out: str = "", workers: Optional[int] = None,
         shard_size_limit: int = _SHARD, progress: bool = True) -> dict:
-    """SA-1B images joined with LLaVA captions keyed by image id (JSONL/CSV/JSON or a folder of <id>.txt)."""
-    parts, skips, extra = sources.plan_sam(root, captions)
+    """SA-1B images joined with LLaVA captions keyed by image id. `root`: the sa_NNNNNN.tar downloads (files,
+    directories, globs, list files; read in place, one partition per tar) or one directory of extracted tars.
+    `captions`: JSONL/CSV/JSON, a directory tree of <id>.txt, or an archive of them (SA1B_caption.tar.gz)."""
+    out = check_out(out)
+    parts, skips, extra, post = sources.plan_sam(root, captions, staging_root(out), progress=progress)
     return run("sam", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
-               progress=progress)
+               progress=progress, post=post)
 
 
-def journeydb(root: str, annotations: str, out: str = "", workers: Optional[int] = None,
+def journeydb(root: Inputs, annotations: str, out: str = "", workers: Optional[int] = None,
               shard_size_limit: int = _SHARD, text: str = "caption", progress: bool = True) -> dict:
-    """JourneyDB images + annotation JSONL; text = "caption" (Task2.Caption) or "prompt"."""
-    parts, skips, extra = sources.plan_journeydb(root, annotations, text=text)
+    """JourneyDB images + annotation JSONL; text = "caption" (Task2.Caption) or "prompt". `root`: the
+    data/train/imgs/NNN.tgz downloads (read in place, one partition per archive) or the extracted imgs/."""
+    out = check_out(out)
+    parts, skips, extra, post = sources.plan_journeydb(root, annotations, text=text, work_dir=staging_root(out),
+                                                       progress=progress)
     return run("journeydb", out, parts, skips, workers=workers, shard_size_limit=shard_size_limit, extra=extra,
-               progress=progress)
+               progress=progress, post=post)
 
 
 def folder(root: str, index: Optional[str] = None, out: str = "", workers: Optional[int] = None,

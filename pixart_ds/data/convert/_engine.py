@@ -13,6 +13,14 @@ already knows it must skip (a caption without an image, say). `run` then
 4. prints the summary and saves it as `OUT.summary.json` beside OUT. It is deliberately not under OUT: merge_index
    given a root walks every *.json below it and would take any other JSON there for a partition index.
 
+A partition is either a list of `Item`s (files on disk) or a streaming `source` (one archive, e.g. an SA-1B tar): an
+object with `fingerprint()` and `members(scratch_dir)` yielding `Member`s, the images it holds with their bytes
+already read. The images of a streaming partition are only known once it is read, so its summary record also lists
+the ids it held ("ids"); `run` collects them into an SQLite table (`OUT.partial/seen.sqlite`) that the planner's
+`post` step queries, e.g. for the captions whose image is in no archive. An archive that cannot be read to its end
+(truncated download, corrupt gzip) fails alone: the others are converted and kept, and the run ends with an error
+naming it (no merged index until it is fixed or left out).
+
 Every image is decoded once here (JPEG at 1/8 scale via PIL's draft mode, which still reads all entropy-coded data
 and so still catches truncation), so a corrupt file is counted and named now rather than failing a training run.
 """
@@ -27,11 +35,14 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import sqlite3
 import sys
+import tarfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image
 from streaming import MDSWriter
@@ -76,8 +87,11 @@ class Item:
 class Partition:
     name: str  # sub-directory of OUT
     items: list[Item] = field(default_factory=list)
+    source: Any = None  # instead of items: an object with fingerprint() and members(scratch_dir) -> Iterator[Member]
 
     def fingerprint(self) -> str:
+        if self.source is not None:
+            return self.source.fingerprint()
         h = hashlib.sha1()
         for it in self.items:
             h.update(json.dumps([it.id, it.path, it.caption, it.label, it.make, it.expect_size, it.sa_json],
@@ -93,6 +107,27 @@ class Skip:
 
     def asdict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class Member:
+    """One image of a streaming source, its bytes read. `skip`: decided before decoding (no caption, a bad caption
+    record, a second copy), as the planner decides for files. `bad_annotation`: the image's own annotation is
+    unusable; like a file's SA-1B JSON it is only reported once the image decodes. `image=False` marks a skip that
+    is not an image of the source (an annotation without its image): it is not counted as an image seen."""
+    item: Item
+    data: Optional[bytes] = None
+    skip: Optional[Skip] = None
+    bad_annotation: Optional[str] = None
+    image: bool = True
+
+
+class ArchiveError(Exception):
+    """A source that cannot be read to its end (a truncated or corrupt archive)."""
+
+
+# What reading a damaged tar / gzip stream raises.
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 def staging_root(out: str) -> str:
@@ -128,11 +163,15 @@ def sa_image_size(path: str) -> tuple[int, int]:
     """(width, height) from an SA-1B annotation JSON. Those files hold every mask as RLE (up to MBs each) and
     start with the "image" record, so only the head is read and that record parsed."""
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
+        return sa_image_size_stream(f)
+
+
+def sa_image_size_stream(f) -> tuple[int, int]:
+    """`sa_image_size` of an open binary stream (a file, or a tar member read in stream mode)."""
+    head = f.read(1 << 16)
     m = _SA_IMAGE.search(head)
     if m is None:
-        with open(path, "rb") as f:  # not at the head: parse it all
-            meta = json.load(f)["image"]
+        meta = json.loads(head + f.read())["image"]  # not at the head: parse it all
     else:
         meta = json.loads(m.group(1))
     return int(meta["width"]), int(meta["height"])
@@ -172,52 +211,72 @@ def _tick(n: int = 1) -> None:
         _PROGRESS(n)
 
 
+def _file_members(items: list[Item]) -> Iterator[Member]:
+    """The images of a list partition, read from disk (or rendered) one at a time."""
+    for it in items:
+        try:
+            data = _materialize(it.make) if it.make is not None else _read_file(it.path)
+        except OSError as e:
+            yield Member(it, skip=Skip(it.id, UNREADABLE, f"{it.path}: {e.strerror or e}"))
+            continue
+        yield Member(it, data)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def write_partition(out: str, part: Partition, source: str, shard_size_limit: int) -> dict:
-    """Write one partition into staging, then rename it into OUT. Returns its summary record."""
+    """Write one partition into staging, then rename it into OUT. Returns its summary record, or for a source that
+    cannot be read to its end {"partition", "error"} with nothing kept."""
 
     stage = os.path.join(staging_root(out), part.name)
     if os.path.exists(stage):
         shutil.rmtree(stage)  # left by a crashed run
     os.makedirs(os.path.dirname(stage), exist_ok=True)
-    written, skips = 0, []
-    with MDSWriter(out=stage, columns=RAW_COLUMNS, compression=None, hashes=["xxh64"],
-                   size_limit=shard_size_limit) as w:
-        for it in part.items:
-            try:
-                if it.make is not None:
-                    data = _materialize(it.make)
-                else:
-                    with open(it.path, "rb") as f:
-                        data = f.read()
-            except OSError as e:
-                skips.append(Skip(it.id, UNREADABLE, f"{it.path}: {e.strerror or e}"))
-                _tick()
-                continue
-            try:
-                width, height = check_image(data)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                skips.append(Skip(it.id, CORRUPT_IMAGE, f"{it.path or it.id}: {type(e).__name__}: {e}"))
-                _tick()
-                continue
-            expect = it.expect_size
-            if it.sa_json is not None:
-                try:
-                    expect = sa_image_size(it.sa_json)
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    skips.append(Skip(it.id, BAD_ANNOTATION, f"{it.sa_json}: {type(e).__name__}: {e}"))
+    written, skips, ids = 0, [], []
+    members = part.source.members(os.path.dirname(stage)) if part.source is not None else _file_members(part.items)
+    try:
+        with MDSWriter(out=stage, columns=RAW_COLUMNS, compression=None, hashes=["xxh64"],
+                       size_limit=shard_size_limit) as w:
+            for m in members:
+                it = m.item
+                if m.image:
+                    ids.append(it.id)
                     _tick()
+                if m.skip is not None:
+                    skips.append(m.skip)
                     continue
-            if expect is not None and tuple(expect) != (width, height):
-                skips.append(Skip(it.id, SIZE_MISMATCH, f"annotation says {expect[0]}x{expect[1]}, "
-                                                        f"{it.path} is {width}x{height}"))
-                _tick()
-                continue
-            w.write({"id": it.id, "image": data, "caption": it.caption, "label": int(it.label),
-                     "width": int(width), "height": int(height), "source": source})
-            written += 1
-            _tick()
+                try:
+                    width, height = check_image(m.data)
+                except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                    skips.append(Skip(it.id, CORRUPT_IMAGE, f"{it.path or it.id}: {type(e).__name__}: {e}"))
+                    continue
+                expect = it.expect_size
+                if m.bad_annotation is not None:
+                    skips.append(Skip(it.id, BAD_ANNOTATION, m.bad_annotation))
+                    continue
+                if it.sa_json is not None:
+                    try:
+                        expect = sa_image_size(it.sa_json)
+                    except (OSError, ValueError, KeyError, TypeError) as e:
+                        skips.append(Skip(it.id, BAD_ANNOTATION, f"{it.sa_json}: {type(e).__name__}: {e}"))
+                        continue
+                if expect is not None and tuple(expect) != (width, height):
+                    skips.append(Skip(it.id, SIZE_MISMATCH, f"annotation says {expect[0]}x{expect[1]}, "
+                                                            f"{it.path} is {width}x{height}"))
+                    continue
+                w.write({"id": it.id, "image": m.data, "caption": it.caption, "label": int(it.label),
+                         "width": int(width), "height": int(height), "source": source})
+                written += 1
+    except ArchiveError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        return {"partition": part.name, "error": str(e)}
     record = {"partition": part.name, "fingerprint": part.fingerprint(), "written": written,
               "skips": [s.asdict() for s in skips]}
+    if part.source is not None:
+        record["ids"] = ids  # the images this source held (run() collects them for the post step)
     # index.json is MDSWriter's last file; our record goes in before the rename makes the partition visible.
     atomic_write_text(os.path.join(stage, SUMMARY_FILE), json.dumps(record) + "\n")
     final = os.path.join(os.path.abspath(out), part.name)
@@ -285,16 +344,51 @@ def default_workers(n_partitions: int) -> int:
     return max(1, min(cpus, n_partitions))
 
 
-def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip], *, workers: Optional[int],
-        shard_size_limit: int, extra: Optional[dict] = None, progress: bool = True) -> dict:
-    """Convert `partitions` into the raw MDS dataset OUT (see the module docstring). Returns the summary dict."""
-    t0 = time.time()
+def check_out(out: str) -> str:
+    """OUT as an absolute path, or a one-line error."""
     if not out:
         raise ValueError("an output directory (--out) is required")
     out = os.path.abspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
-    if not any(p.items for p in partitions):
+    return out
+
+
+class SeenIds:
+    """The ids of the images the streaming partitions held, in an SQLite table `seen(id)` at `path` (millions for
+    SA-1B), for the planner's post step (e.g. a caption store attaches it to find captions without an image)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            os.remove(path)
+        self.con = sqlite3.connect(path)
+        self.con.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; CREATE TABLE seen (id TEXT);")
+
+    def add(self, ids: list[str]) -> None:
+        self.con.executemany("INSERT INTO seen VALUES (?)", ((i,) for i in ids))
+
+    def index(self) -> None:
+        self.con.execute("CREATE INDEX seen_id ON seen (id)")
+        self.con.commit()
+
+    def repeated(self) -> list[str]:
+        """Ids held by more than one source (each written once per source), sorted."""
+        return [r[0] for r in self.con.execute("SELECT id FROM seen GROUP BY id HAVING COUNT(*) > 1 ORDER BY id")]
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip], *, workers: Optional[int],
+        shard_size_limit: int, extra: Optional[dict] = None, progress: bool = True,
+        post: Optional[Callable[[SeenIds], tuple[list[Skip], dict]]] = None) -> dict:
+    """Convert `partitions` into the raw MDS dataset OUT (see the module docstring). Returns the summary dict.
+    `post(seen)`, called once every partition is written, returns more skips and summary fields."""
+    t0 = time.time()
+    out = check_out(out)
+    if not any(p.items or p.source is not None for p in partitions):
         where = (extra or {}).get("root")
         reasons = Counter(s.reason for s in plan_skips)
         raise ValueError(f"nothing to convert: no usable {kind} images" + (f" under {where}" if where else "")
@@ -312,12 +406,24 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
         if os.path.isdir(p) and entry not in keep and os.path.isfile(os.path.join(p, SUMMARY_FILE)):
             shutil.rmtree(p)
 
+    streamed = any(p.source is not None for p in partitions)
+    seen = SeenIds(os.path.join(staging_root(out), "seen.sqlite")) if streamed else None
     records: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+
+    def take(rec: dict) -> None:
+        if "error" in rec:
+            failed[rec["partition"]] = rec["error"]
+            return
+        if seen is not None:
+            seen.add(rec.pop("ids", []))  # not kept in memory: millions of ids for SA-1B
+        records[rec["partition"]] = rec
+
     todo = []
     for part in partitions:
         rec = finished_record(out, part)
         if rec is not None:
-            records[part.name] = rec
+            take(rec)
         else:
             todo.append(part)
     resumed = len(records)
@@ -325,48 +431,79 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
     if workers is None:
         workers = default_workers(len(todo))
 
-    bar = tqdm(total=total_items, desc=f"data {kind}", unit="img", disable=not progress or total_items == 0,
-               file=sys.stderr, dynamic_ncols=True)
-    if workers <= 1 or len(todo) <= 1:
-        global _PROGRESS
-        _PROGRESS = bar.update
-        try:
-            for part in todo:
-                records[part.name] = write_partition(out, part, kind, shard_size_limit)
-        finally:
-            _PROGRESS = None
-    else:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        counter = ctx.Value("q", 0)
-        # Largest partitions first: the pool then finishes close together.
-        order = sorted(todo, key=lambda p: -len(p.items))
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-            pending = pool.imap_unordered(_write_partition_star,
-                                          [(out, p, kind, shard_size_limit) for p in order], chunksize=1)
-            done = 0
-            while done < len(order):
-                try:
-                    rec = pending.next(timeout=0.5)
-                except mp.TimeoutError:
+    # Images of a streaming source are counted as they are read (its total is unknown until then); archives
+    # get a bar of their own.
+    bar = tqdm(total=None if streamed else total_items, desc=f"data {kind}", unit="img", file=sys.stderr,
+               disable=not progress or not todo or (total_items == 0 and not streamed), dynamic_ncols=True)
+    abar = tqdm(total=len(todo), desc=f"data {kind} archives", unit="archive", file=sys.stderr, position=1,
+                disable=not progress or not streamed or not todo, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            global _PROGRESS
+            _PROGRESS = bar.update
+            try:
+                for part in todo:
+                    take(write_partition(out, part, kind, shard_size_limit))
+                    abar.update(1)
+            finally:
+                _PROGRESS = None
+        else:
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            counter = ctx.Value("q", 0)
+            # Largest partitions first: the pool then finishes close together.
+            order = sorted(todo, key=lambda p: -(len(p.items) if p.source is None else p.source.size_hint()))
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
+                pending = pool.imap_unordered(_write_partition_star,
+                                              [(out, p, kind, shard_size_limit) for p in order], chunksize=1)
+                done = 0
+                while done < len(order):
+                    try:
+                        rec = pending.next(timeout=0.5)
+                    except mp.TimeoutError:
+                        bar.n = counter.value
+                        bar.refresh()
+                        continue
+                    take(rec)
+                    done += 1
+                    abar.update(1)
                     bar.n = counter.value
                     bar.refresh()
-                    continue
-                records[rec["partition"]] = rec
-                done += 1
-                bar.n = counter.value
-                bar.refresh()
-    bar.close()
+    finally:
+        abar.close()
+        bar.close()
+
+    if failed:
+        if seen is not None:
+            seen.close()
+        kept = len(records)
+        raise ValueError(f"{len(failed)} of {len(partitions)} archives could not be read: "
+                         + "; ".join(f"{n}: {e}" for n, e in sorted(failed.items()))
+                         + f". The other {kept} are converted and kept under {out}; re-download or leave out the "
+                           "failed ones and run the same command again (no index.json until then)")
+
+    post_skips, post_extra = [], {}
+    if seen is not None:
+        seen.index()
+        repeated = seen.repeated()
+        if repeated:
+            post_extra["ids_in_several_archives"] = len(repeated)
+            print(f"warning: {len(repeated)} image ids are in more than one archive and were written once per "
+                  f"archive (first: {', '.join(repeated[:5])})", file=sys.stderr)
+        if post is not None:
+            post_skips, more = post(seen)
+            post_extra.update(more)
+        seen.close()
 
     num_samples = merge_partitions(out, names)
     shutil.rmtree(staging_root(out), ignore_errors=True)
 
-    seen, skips = set(), []
-    for s in plan_skips:  # one record per (id, reason): an annotation and a caption may both lack the image
-        if (s.id, s.reason) not in seen:
-            seen.add((s.id, s.reason))
-            skips.append(s.asdict())
-    for n in names:
-        skips.extend(records[n]["skips"])
+    seen_skips, skips = set(), []
+    # One record per (id, reason): an annotation and a caption may both lack the image.
+    for s in [x.asdict() for x in plan_skips] + [x for n in names for x in records[n]["skips"]] + \
+            [x.asdict() for x in post_skips]:
+        if (s["id"], s["reason"]) not in seen_skips:
+            seen_skips.add((s["id"], s["reason"]))
+            skips.append(s)
     written = sum(records[n]["written"] for n in names)
     if written != num_samples:  # the merged index and our own count must agree
         raise RuntimeError(f"{out}: merged index holds {num_samples} samples but partitions report {written}")
@@ -380,6 +517,7 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
         "partitions_resumed": resumed,
         "seconds": round(time.time() - t0, 3),
         **(extra or {}),
+        **post_extra,
         "skips": skips,
     }
     atomic_write_text(summary_path(out), json.dumps(summary, indent=1) + "\n")

@@ -5,6 +5,7 @@ caption file written by `pixart-ds caption` (JSONL: id, caption, model, prompt) 
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -15,6 +16,8 @@ from collections import defaultdict
 from typing import Iterator, Optional
 
 from pixart_ds.data import synthetic
+from pixart_ds.data.convert import archives as arc
+from pixart_ds.data.convert import captionstore as cs
 from pixart_ds.data.convert._engine import (BAD_ANNOTATION, DUPLICATE, MISSING_CAPTION, MISSING_IMAGE, Item, Partition,
                                             Skip, chunked, safe_name)
 
@@ -65,25 +68,37 @@ def _stem_id(rel_path: str) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _open_text(path: str) -> Iterator[tuple[str, io.TextIOBase]]:
-    """Yield (display name, text stream) for a plain file or each member of a .tgz/.tar.gz (JourneyDB ships its
-    annotation JSONL inside one)."""
-    if path.endswith((".tgz", ".tar.gz", ".tar")):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                if m.isfile() and m.name.endswith((".jsonl", ".json", ".csv")):
-                    yield f"{os.path.basename(path)}:{m.name}", io.TextIOWrapper(tar.extractfile(m), "utf-8")
+_TABLE_MEMBERS = (".jsonl", ".json", ".csv")
+
+
+def _open_text(path: str, members=_TABLE_MEMBERS) -> Iterator[tuple[str, io.TextIOBase]]:
+    """Yield (display name, text stream) for a plain file or each member of a .tar/.tgz/.tar.gz whose name ends
+    with one of `members` (JourneyDB ships its annotation JSONL inside a .tgz; the paper's SA-1B captions are a
+    .tar.gz of one sa_N.txt per image). Archives are read in stream mode: one pass, members never listed first
+    (10M of them would not fit in memory)."""
+    if arc.is_archive(path):
+        with tarfile.open(path, "r|*") as tar:
+            for m in tar:
+                tar.members.clear()  # TarFile keeps every member it has read, even in stream mode: 10M of them
+                if m.isfile() and m.name.lower().endswith(members) \
+                        and not os.path.basename(m.name).startswith("."):
+                    # codecs' reader, not io.TextIOWrapper: a stream-mode member cannot answer seekable().
+                    yield f"{os.path.basename(path)}:{m.name}", codecs.getreader("utf-8")(tar.extractfile(m),
+                                                                                          errors="replace")
         return
     with open(path, encoding="utf-8") as f:
         yield os.path.basename(path), f
 
 
-def _rows(path: str) -> Iterator[tuple[str, object]]:
+def _rows(path: str, members=_TABLE_MEMBERS) -> Iterator[tuple[str, object]]:
     """(location "file:line", dict) per record of a JSONL, CSV or JSON (list or {id: caption}) file; a record that
-    does not parse comes as (location, ValueError)."""
-    for name, f in _open_text(path):
+    does not parse comes as (location, ValueError). A .txt member of an archive is one record
+    {"id": its file name, "caption": its text}."""
+    for name, f in _open_text(path, members):
         low = name.lower()
-        if low.endswith(".csv"):
+        if low.endswith(".txt"):
+            yield name, {"id": name.rsplit(":", 1)[-1], "caption": f.read()}
+        elif low.endswith(".csv"):
             reader = csv.DictReader(f)
             if not reader.fieldnames:
                 yield f"{name}:1", ValueError("empty CSV (no header)")
@@ -178,73 +193,110 @@ def _sam_id(key: str) -> str:
     return f"sa_{base}" if base.isdigit() else base
 
 
-def read_captions(path: str, normalize=_sam_id):
-    """{id: caption}, {id: problem} for records naming an id but unusable, and skips for records naming none.
-    Accepts JSONL/CSV/JSON with an id field (id, image_id, key, image, file_name, path) and a caption field
-    (caption, text), or a directory of <id>.txt files."""
-    caps: dict[str, str] = {}
-    bad: dict[str, str] = {}
-    skips: list[Skip] = []
+def sam_caption_events(path: str, normalize=_sam_id) -> Iterator[tuple]:
+    """Caption-store events (captionstore.build) of a caption source keyed by image id: JSONL/CSV/JSON with an id
+    field (id, image_id, key, image, file_name, path) and a caption field (caption, text); a directory tree of
+    <id>.txt files; or an archive (.tar.gz / .tgz / .tar) of either, e.g. the paper's SA1B_caption.tar.gz
+    (PixArt-alpha/SAM-LLaVA-Captions10M, one sa_N.txt per image). Ids are file stems wherever the file sits."""
     if os.path.isdir(path):
-        for f in sorted(os.listdir(path)):
-            if f.endswith(".txt"):
-                with open(os.path.join(path, f), encoding="utf-8", errors="replace") as fh:
-                    text = fh.read().strip()
-                if text:
-                    caps[normalize(f)] = text
-        return caps, bad, skips
-    for where, row in _rows(path):
+        for d, dirs, files in os.walk(path):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            for f in sorted(files):
+                if f.endswith(".txt") and not f.startswith("."):
+                    with open(os.path.join(d, f), encoding="utf-8", errors="replace") as fh:
+                        text = fh.read().strip()
+                    if text:
+                        yield cs.CAPTION, normalize(f), text, os.path.relpath(os.path.join(d, f), path)
+        return
+    if path.lower().endswith(".txt"):
+        raise ValueError(f"{path}: a .txt caption file holds one caption; give a directory of <id>.txt files, an "
+                         "archive of them (e.g. SA1B_caption.tar.gz) or a JSONL/CSV/JSON keyed by id")
+    for where, row in _rows(path, _TABLE_MEMBERS + (".txt",)):
         if isinstance(row, Exception):
-            skips.append(Skip(where, BAD_ANNOTATION, str(row)))
+            yield cs.bad_record(where, str(row))
             continue
         k, key = _first(row, _ID_KEYS)
         if k is None or not isinstance(key, (str, int)) or isinstance(key, bool):
-            skips.append(Skip(where, BAD_ANNOTATION, f"no usable id field (one of {', '.join(_ID_KEYS)})"))
+            yield cs.bad_record(where, f"no usable id field (one of {', '.join(_ID_KEYS)})")
             continue
         sid = normalize(key)
         try:
             text = _str_field(row, _CAPTION_KEYS, "caption").strip()
         except ValueError as e:
-            bad[sid] = f"{where}: {e}"
+            yield cs.PROBLEM, sid, f"{where}: {e}"
             continue
-        if not text:
-            continue  # the image then counts as "image without caption"
-        if sid in caps:
-            skips.append(Skip(sid, DUPLICATE, f"{where}: second caption for this id ignored"))
-            continue
-        caps[sid] = text
-    return caps, bad, skips
+        if text:  # an empty caption: the image then counts as "image without caption"
+            yield cs.CAPTION, sid, text, where
 
 
-def _join(images: dict[str, tuple[str, Optional[tuple]]], caps: Optional[dict], bad: dict, group) -> tuple:
-    """Join {id: (path, expect_size)} with {id: caption}; returns ({partition key: [Item]}, skips)."""
+def sam_captions(path: str, work_dir: str, progress: bool = True) -> cs.CaptionStore:
+    """The caption store of `path` (see sam_caption_events), built in `work_dir` or reused from an earlier run."""
+    path = _require_file(path, "caption file")
+    return cs.open_or_build(os.path.join(work_dir, cs.STORE_FILE), cs.source_key(path, reader="sam"),
+                            lambda: sam_caption_events(path), progress=progress, desc="captions")
+
+
+class _DictCaptions:
+    """The caption-store interface over in-memory dicts (the folder converter's sidecars)."""
+
+    def __init__(self, caps: dict, bad: dict):
+        self.caps, self.bad = caps, bad
+
+    def caption(self, sid):
+        return self.caps.get(sid)
+
+    def problem(self, sid):
+        return self.bad.get(sid)
+
+    def caption_ids(self):
+        return iter(sorted(self.caps))
+
+    def problem_ids(self):
+        return iter(sorted(self.bad))
+
+
+def _join(images: dict[str, tuple[str, Optional[tuple]]], caps, group) -> tuple:
+    """Join {id: (path, expect_size)} with captions (a CaptionStore or _DictCaptions; None: no captions, all
+    empty); returns ({partition key: [Item]}, skips)."""
     skips: list[Skip] = []
     groups: dict[str, list[Item]] = defaultdict(list)
     for sid in sorted(images):
         path, size = images[sid]
-        if sid in bad:
-            skips.append(Skip(sid, BAD_ANNOTATION, bad[sid]))
-            continue
-        if caps is not None and sid not in caps:
-            skips.append(Skip(sid, MISSING_CAPTION, os.path.basename(path)))
-            continue
-        groups[group(sid, path)].append(Item(id=sid, path=path, caption=caps[sid] if caps is not None else "",
-                                             expect_size=size))
+        cap = ""
+        if caps is not None:
+            problem = caps.problem(sid)
+            if problem is not None:
+                skips.append(Skip(sid, BAD_ANNOTATION, problem))
+                continue
+            cap = caps.caption(sid)
+            if cap is None:
+                skips.append(Skip(sid, MISSING_CAPTION, os.path.basename(path)))
+                continue
+        groups[group(sid, path)].append(Item(id=sid, path=path, caption=cap, expect_size=size))
     if caps is not None:
-        for sid in sorted(set(caps) - set(images)):
-            skips.append(Skip(sid, MISSING_IMAGE, "no image file for this caption"))
-    for sid in sorted(set(bad) - set(images)):
-        skips.append(Skip(sid, BAD_ANNOTATION, bad[sid]))
+        skips += [Skip(sid, MISSING_IMAGE, "no image file for this caption") for sid in caps.caption_ids()
+                  if sid not in images]
+        skips += [Skip(sid, BAD_ANNOTATION, caps.problem(sid)) for sid in caps.problem_ids() if sid not in images]
     return groups, skips
 
 
-def plan_sam(root: str, captions: Optional[str]):
-    """SA-1B: sa_N.jpg with sa_N.json ({"image": {"image_id", "width", "height", "file_name"}, "annotations": [...]})
-    in one or more directories (one per extracted tar). The JSON's size is checked against the JPEG. Joined with a
-    caption file keyed by image id; without one, captions stay empty (the input for `pixart-ds caption`).
+def plan_sam(root, captions: Optional[str], work_dir: str, progress: bool = True):
+    """SA-1B: sa_N.jpg with sa_N.json ({"image": {"image_id", "width", "height", "file_name"}, "annotations": [...]}),
+    either in the downloaded tars (`root`: tar files, directories of them, globs, list files; see archives.py) or
+    in one directory of extracted tars. The JSON's size is checked against the JPEG. Joined with captions keyed by
+    image id (see sam_caption_events; stored in `work_dir`); without them, captions stay empty (the input for
+    `pixart-ds caption`). Returns (partitions, skips, summary fields, post step or None).
     The annotation JSONs are read by the writers, not here: they hold every mask and are large."""
-    root = _require_dir(root, "SA-1B root")
-    skips: list[Skip] = []
+    extracted, archives = arc.resolve_inputs(root, "SA-1B root", exclude=[captions], prefix="sa_")
+    store = sam_captions(captions, work_dir, progress) if captions is not None else None
+    skips: list[Skip] = store.skips() if store is not None else []
+    extra = {"root": extracted or (archives[0] if len(archives) == 1 else os.path.commonpath(archives)),
+             "captions": os.path.abspath(captions) if captions else None}
+    if archives:
+        extra["archives"] = len(archives)
+        return (arc.plan_archives(arc.SamArchive, archives, store), skips, extra,
+                lambda seen: arc.post_join(store, seen))
+    root = extracted
     images: dict[str, tuple[str, Optional[tuple]]] = {}
     rel_dir: dict[str, str] = {}
     sa_json: dict[str, Optional[str]] = {}
@@ -264,18 +316,14 @@ def plan_sam(root: str, captions: Optional[str]):
             images[stem] = (os.path.join(d, f), None)
             rel_dir[stem] = os.path.relpath(d, root)
     if not images and not skips:
-        raise ValueError(f"no SA-1B images (sa_N.jpg) under {root}")
-    caps = bad = None
-    if captions is not None:
-        caps, bad, cap_skips = read_captions(_require_file(captions, "caption file"))
-        skips.extend(cap_skips)
-    groups, join_skips = _join(images, caps, bad or {}, lambda sid, p: rel_dir[sid])
+        raise ValueError(f"no SA-1B images (sa_N.jpg) or archives (sa_N.tar) under {root}")
+    groups, join_skips = _join(images, store, lambda sid, p: rel_dir[sid])
     skips.extend(join_skips)
     for items in groups.values():
         for it in items:
             it.sa_json = sa_json[it.id]  # its size is checked against the JPEG by the writer
     parts = [p for g, items in groups.items() for p in chunked(safe_name(g), items, PARTITION_SIZE)]
-    return parts, skips, {"root": root, "captions": os.path.abspath(captions) if captions else None}
+    return parts, skips, extra, None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -290,34 +338,24 @@ def clean_prompt(prompt: str) -> str:
     return _MJ_FLAGS.sub("", prompt).strip()
 
 
-def plan_journeydb(root: str, annotations: str, text: str = "caption"):
-    """JourneyDB: images ROOT/<NNN>/<hash>.jpg (the extracted data/train/imgs/NNN.tgz) and the annotation JSONL
-    (train_anno_realease_repath.jsonl, plain or as its .tgz), one record per image:
+def journeydb_caption_events(annotations: str, text: str, strip_imgs: bool = True) -> Iterator[tuple]:
+    """Caption-store events of the JourneyDB annotation JSONL (plain or in its .tgz), one record per image:
     {"img_path": "./NNN/<hash>.jpg", "prompt": "<Midjourney prompt>", "Task1": {...},
-     "Task2": {"Caption": "<GPT-3.5 caption>"}, "Task3": {...}}.
+     "Task2": {"Caption": "<GPT-3.5 caption>"}, "Task3": {...}}, keyed "NNN/<hash>".
     text="caption" uses Task2.Caption (falling back to the prompt when absent); text="prompt" uses the prompt with
-    its trailing Midjourney --parameters removed (falling back to the caption)."""
-    if text not in ("caption", "prompt"):
-        raise ValueError(f"journeydb text must be 'caption' or 'prompt', got {text!r}")
-    root = _require_dir(root, "JourneyDB image root")
-    if os.path.isdir(os.path.join(root, "imgs")):  # given data/train/ rather than data/train/imgs/
-        root = os.path.join(root, "imgs")
-    annotations = _require_file(annotations, "JourneyDB annotation file")
-    skips: list[Skip] = []
-    caps: dict[str, str] = {}
-    bad: dict[str, str] = {}
+    its trailing Midjourney --parameters removed (falling back to the caption). Ends with the fallback count."""
     fallback = 0
     for where, row in _rows(annotations):
         if isinstance(row, Exception):
-            skips.append(Skip(where, BAD_ANNOTATION, str(row)))
+            yield cs.bad_record(where, str(row))
             continue
         p = row.get("img_path")
         if not isinstance(p, str) or not p.strip():
-            skips.append(Skip(where, BAD_ANNOTATION, "img_path missing or not a string"))
+            yield cs.bad_record(where, "img_path missing or not a string")
             continue
         rel = p.strip()
         rel = rel[2:] if rel.startswith("./") else rel
-        rel = rel[5:] if rel.startswith("imgs/") and not os.path.isdir(os.path.join(root, "imgs")) else rel
+        rel = rel[5:] if rel.startswith("imgs/") and strip_imgs else rel
         sid = _stem_id(rel)
         task2 = row.get("Task2")
         cap = task2.get("Caption") if isinstance(task2, dict) else None
@@ -325,7 +363,7 @@ def plan_journeydb(root: str, annotations: str, text: str = "caption"):
         wrong = [(k, v) for k, v in (("Task2.Caption", cap), ("prompt", prompt)) if v is not None
                  and not isinstance(v, str)]
         if wrong:
-            bad[sid] = f"{where}: {wrong[0][0]} is {type(wrong[0][1]).__name__}, expected a string"
+            yield cs.PROBLEM, sid, f"{where}: {wrong[0][0]} is {type(wrong[0][1]).__name__}, expected a string"
             continue
         cap = (cap or "").strip()
         prompt = clean_prompt(prompt or "")
@@ -334,20 +372,44 @@ def plan_journeydb(root: str, annotations: str, text: str = "caption"):
         if not chosen:
             continue  # counted as an image without caption when the image exists
         fallback += int(not first)
-        if sid in caps:
-            skips.append(Skip(sid, DUPLICATE, f"{where}: second record for this image ignored"))
-            continue
-        caps[sid] = chosen
+        yield cs.CAPTION, sid, chosen, where
+    yield cs.META, "fallback", fallback
+
+
+def plan_journeydb(root, annotations: str, text: str = "caption", work_dir: str = "", progress: bool = True):
+    """JourneyDB: the image archives data/train/imgs/NNN.tgz as downloaded (`root`: archives, directories of them,
+    globs, list files; see archives.py), or the extracted images ROOT/<NNN>/<hash>.jpg; joined with the
+    annotation JSONL (train_anno_realease_repath.jsonl, plain or as its .tgz) through a caption store in
+    `work_dir` (see journeydb_caption_events). Returns (partitions, skips, summary fields, post step or None)."""
+    if text not in ("caption", "prompt"):
+        raise ValueError(f"journeydb text must be 'caption' or 'prompt', got {text!r}")
+    # Given data/train/ rather than data/train/imgs/: the images are in imgs/.
+    roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+    roots = [os.path.join(r, "imgs") if os.path.isdir(os.path.join(r, "imgs")) else r for r in roots]
+    extracted, archives = arc.resolve_inputs(roots, "JourneyDB image root", exclude=[annotations])
+    annotations = _require_file(annotations, "JourneyDB annotation file")
+    strip_imgs = not (extracted and os.path.isdir(os.path.join(extracted, "imgs")))
+    store = cs.open_or_build(os.path.join(work_dir, cs.STORE_FILE),
+                             cs.source_key(annotations, reader="journeydb", text=text, strip_imgs=strip_imgs),
+                             lambda: journeydb_caption_events(annotations, text, strip_imgs), progress=progress,
+                             desc="annotations")
+    skips = store.skips()
+    extra = {"root": extracted or (archives[0] if len(archives) == 1 else os.path.commonpath(archives)),
+             "annotations": annotations, "text": text,
+             f"used_{'prompt' if text == 'caption' else 'caption'}_as_fallback": store.meta["fallback"]}
+    if archives:
+        extra["archives"] = len(archives)
+        return (arc.plan_archives(arc.JourneyDBArchive, archives, store, {"text": text}), skips, extra,
+                lambda seen: arc.post_join(store, seen))
     images = {}
-    for rel_dir, files in _walk_images(root).items():
+    for rel_dir, files in _walk_images(extracted).items():
         for f in files:
             rel = os.path.normpath(os.path.join(rel_dir, f))
-            images[_stem_id(rel)] = (os.path.join(root, rel), None)
-    groups, join_skips = _join(images, caps, bad, lambda sid, path: os.path.dirname(sid) or ".")
+            images[_stem_id(rel)] = (os.path.join(extracted, rel), None)
+    groups, join_skips = _join(images, store, lambda sid, path: os.path.dirname(sid) or ".")
     skips.extend(join_skips)
     parts = [p for g, items in groups.items() for p in chunked(safe_name(g), items, PARTITION_SIZE)]
-    return parts, skips, {"root": root, "annotations": annotations, "text": text,
-                          f"used_{'prompt' if text == 'caption' else 'caption'}_as_fallback": fallback}
+    return parts, skips, extra, None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -425,7 +487,7 @@ def plan_folder(root: str, index: Optional[str]):
                     bad[sid] = f"{where}: {e}"
                     continue
                 take(sid, where, row)
-    groups, join_skips = _join(images, caps, bad, lambda sid, path: os.path.dirname(sid) or ".")
+    groups, join_skips = _join(images, _DictCaptions(caps, bad), lambda sid, path: os.path.dirname(sid) or ".")
     for items in groups.values():
         for it in items:
             it.label = labels.get(it.id, -1)
