@@ -56,6 +56,7 @@ IMAGE_LACKS = (
     "typing-inspection==0.4.2",  # deepspeed
     "brotli==1.2.1", "python-snappy==0.7.3", "cramjam==2.14.0", "zstd==1.5.7.3", "catalogue==2.0.10",  # streaming
     "diffusers==0.39.0", "importlib-metadata==8.7.0",  # diffusers (model export, the reference comparison)
+    "torch-fidelity==0.4.0",  # pixart-ds eval (Inception-v3 feature extractor; torchmetrics and scipy are there)
 )
 
 # The H200 image's packages (the device documentation's list, read 2026-11-17), for `--base h200-image` checks.

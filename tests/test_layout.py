@@ -27,7 +27,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 # Modules an import inside a function may name, each an optional or heavy dependency.
 LAZY_OK = ("flash_attn", "wandb", "torch.utils.tensorboard", "matplotlib", "spacy", "open_clip",
-           "torch.nn.attention.varlen")
+           "torch.nn.attention.varlen", "pixart_ds.eval")
 LAZY_REASON = re.compile(r"#.*\b(optional|heavy)\b")
 # Scripts that start on a bare GPU machine before its packages are known to import: they import late so that
 # `--check-imports` (and the kit installer) can name what is missing instead of dying at the top.

@@ -37,7 +37,6 @@ from pixart_ds.data.loader import build_loader
 from pixart_ds.diffusion.sampling import generate, make_grid, to_pil
 from pixart_ds.diffusion.schedule import Schedule
 from pixart_ds.dist import DistEnv
-from pixart_ds.eval.training import TrainingEvaluator, check_eval_inputs, flat_metrics
 from pixart_ds.fsutil import atomic_write
 from pixart_ds.model.encoders import load_text_encoder, load_vae
 from pixart_ds.model.pixart import build_model
@@ -55,6 +54,13 @@ from pixart_ds.train.weights import init_weights
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" -- stopped by signal or time limit after a checkpoint
 NONFINITE_EXIT_CODE = 3
 DATA_ERROR_EXIT_CODE = 2  # corrupt data with data.on_corrupt=stop: bad input, like the CLI's one-line errors
+
+
+def _evaluation():
+    """pixart_ds.eval.training, imported only when a recipe turns evaluation on."""
+    from pixart_ds.eval import training  # heavy: torchmetrics, torch-fidelity and scipy, needed only for eval
+
+    return training
 
 
 class RunEnd(Exception):
@@ -118,7 +124,8 @@ def check_inputs(cfg: C.Config) -> None:
         raise C.ConfigError("encoders.text_encoder: log.sample_every_steps > 0 needs a text encoder for the prompts")
     if sampling and not vae:
         raise C.ConfigError("encoders.vae: log.sample_every_steps > 0 needs a VAE to decode the sample grid")
-    check_eval_inputs(cfg)
+    if cfg.eval.every_steps > 0:
+        _evaluation().check_eval_inputs(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class Run:
     stop: StopFlag = field(default_factory=StopFlag)
     peers: list = field(default_factory=list)
     grid: Optional[_SampleGrid] = None
-    evaluator: Optional[TrainingEvaluator] = None
+    evaluator: Optional[object] = None  # pixart_ds.eval.training.TrainingEvaluator when eval is on
     nonfinite_run: int = 0
     first_bad: Optional[int] = None
     checkpoint_due: bool = False
@@ -275,7 +282,7 @@ class Run:
         if self.env.rank == 0 and self.cfg.log.sample_every_steps > 0:
             self.grid = _SampleGrid(self.cfg, self.device)
         if self.env.rank == 0 and self.cfg.eval.every_steps > 0:
-            self.evaluator = TrainingEvaluator(self.cfg, self.device, self.cfg.run_dir)
+            self.evaluator = _evaluation().TrainingEvaluator(self.cfg, self.device, self.cfg.run_dir)
 
     # ---- the steps of the loop ---------------------------------------------------------------------------------
 
@@ -371,7 +378,7 @@ class Run:
             self.metrics.event("eval_failed", s, error=f"{type(e).__name__}: {e}")
             self.evaluator = None
             return
-        flat = flat_metrics(res)
+        flat = _evaluation().flat_metrics(res)
         self.metrics.event("eval", s, **flat, images=self.cfg.eval.num_images, seconds=res["seconds"],
                            grid=res.get("grid"), record=res["record"])
         self.metrics.scalars("eval", flat, s)
