@@ -118,7 +118,7 @@ def validate(comm_rec: dict) -> list[dict]:
             continue
         ab = S.collective_time(c["op"], c["nbytes"], world, bw, lat)
         est = S.gloo_collective_time(c["op"], c["nbytes"], world, bw, lat, local["reduce"][c["dtype"]],
-                                     local["copy"])
+                                     local["copy"], local.get("fresh_copy"))
         rows.append({**c, "alpha_beta_s": ab, "model_s": est, "ratio": c["median_s"] / est,
                      "ratio_alpha_beta": c["median_s"] / ab})
     return rows
@@ -201,9 +201,11 @@ def render(rep: dict) -> str:
     L.append(f"On a CPU the collective's own local work is not negligible beside this network (on a GPU it is): "
              f"gloo sums on one thread and copies between its buffers. Measured on the same host, one thread: sum "
              f"{loc['reduce']['float32'] / 1e9:.2f} GB/s (fp32), {loc['reduce']['bfloat16'] / 1e9:.2f} GB/s (bf16, "
-             f"torch's vectorised add; gloo's bf16 sum is a scalar loop, slower), copy {loc['copy'] / 1e9:.2f} GB/s. "
-             f"gloo's reduce_scatter_tensor is a clone, an all-reduce of the whole tensor and a copy "
-             f"(torch/csrc/distributed/c10d/ProcessGroupGloo.cpp), which its estimate follows. Load average during "
+             f"torch's vectorised add), copy {loc['copy'] / 1e9:.2f} GB/s into existing memory and "
+             f"{loc.get('fresh_copy', loc['copy']) / 1e9:.2f} GB/s into new memory (allocated and first touched). "
+             f"gloo's all_gather_into_tensor gathers into a buffer it allocates per call and copies it out; its "
+             f"reduce_scatter_tensor is a clone (new memory), an all-reduce of the whole tensor and a copy "
+             f"(torch/csrc/distributed/c10d/ProcessGroupGloo.cpp); the estimates follow that. Load average during "
              f"the measurement: {', '.join(f'{x:.1f}' for x in c.get('load_average', []))} "
              f"(the 2-core machine was shared).\n")
     L.append("| collective | dtype | size | measured ms (median; fastest) | alpha-beta ms | measured / alpha-beta | "
@@ -218,10 +220,14 @@ def render(rep: dict) -> str:
                  f"{_ms(r.get('min_s'))} | {_ms(r['alpha_beta_s'])} | {r['ratio_alpha_beta']:.2f} | "
                  f"{_ms(r['model_s'])} | **{r['ratio']:.2f}** |")
     L.append("")
-    L.append(f"**Within {VALIDATION_FACTOR:g}x at every size of at least {v['min_mib']} MiB: "
-             f"{'yes' if v['within'] else 'NO'}** (ratios {v['min_ratio']:.2f} to {v['max_ratio']:.2f}; "
-             f"PixArt-XL/2's per-step messages are {rep['params'] * 2 / 2**20:,.0f} MiB). "
-             f"{v['comment']}\n")
+    ar, ev = v["all_reduce"], v["every"]
+    L.append(f"**All-reduce (DeepSpeed's gradient path; the acceptance bar): measured / model {ar['min_ratio']:.2f} "
+             f"to {ar['max_ratio']:.2f} at {v['min_mib']} MiB and more: "
+             f"{'within' if ar['within'] else 'NOT within'} {VALIDATION_FACTOR:g}x.** Every collective, all-gather "
+             f"and reduce-scatter included: {ev['min_ratio']:.2f} to {ev['max_ratio']:.2f} "
+             f"({'within' if ev['within'] else 'not within'} {VALIDATION_FACTOR:g}x). The alpha-beta part alone "
+             f"(what the GPU projection uses, where the local work is negligible) is the column before. "
+             f"PixArt-XL/2's per-step messages are {rep['params'] * 2 / 2**20:,.0f} MiB. {v['comment']}\n")
     L.append("## What this does not model\n")
     L.append("- Data loading (measured separately: benchmarks/loader.py), evaluation, checkpoint writes.\n"
              "- Compute efficiency at small per-GPU batches (1,024 GPUs leave 11 images per GPU per step), and the "
@@ -304,12 +310,18 @@ def report_cmd(a) -> int:
     recompute = train_flops_per_image(cfg, hardware=True) / train_flops_per_image(cfg)
     name = os.path.splitext(os.path.basename(a.recipe))[0]
     rows = validate(comm_rec)
-    judged = [r for r in rows if r.get("ratio") is not None and r["nbytes"] >= (a.min_mib << 20)]
-    ratios = [r["ratio"] for r in judged]
-    within = bool(ratios) and all(1 / VALIDATION_FACTOR <= x <= VALIDATION_FACTOR for x in ratios)
+    def verdict(ops):
+        xs = [r["ratio"] for r in rows if r.get("ratio") is not None and r["nbytes"] >= (a.min_mib << 20)
+              and r["op"] in ops]
+        ok = bool(xs) and all(1 / VALIDATION_FACTOR <= x <= VALIDATION_FACTOR for x in xs)
+        return {"within": ok, "min_ratio": min(xs) if xs else float("nan"),
+                "max_ratio": max(xs) if xs else float("nan")}
+
+    # Issue 15's bar is the all-reduce (DeepSpeed's gradient path); the other collectives are reported beside it.
+    all_reduce, every = verdict({"all_reduce"}), verdict({"all_reduce", "all_gather", "reduce_scatter"})
     small = [r["ratio"] for r in rows if r.get("ratio") is not None and r["nbytes"] < (a.min_mib << 20)]
     comment = (f"Below {a.min_mib} MiB (ratios {min(small):.2f} to {max(small):.2f}) per-message overheads the "
-               f"alpha-beta model leaves out dominate on this CPU network." if small else "")
+               f"alpha-beta model leaves out weigh more on this CPU network." if small else "")
     paper = PAPER_BY_RECIPE.get(name)
     rep = {
         "schema": "pixart_ds.scaling/1", "timestamp": report.now().isoformat(), "commit": git_revision(),
@@ -320,8 +332,7 @@ def report_cmd(a) -> int:
         "paper_v100_days": paper.v100_days if paper else None,
         "paper_implied_rate": paper.implied_images_per_s_per_gpu if paper else float("nan"),
         "validation": {"comm": comm_rec, "rows": rows, "factor": VALIDATION_FACTOR, "min_mib": a.min_mib,
-                       "within": within, "min_ratio": min(ratios) if ratios else float("nan"),
-                       "max_ratio": max(ratios) if ratios else float("nan"), "comment": comment},
+                       "all_reduce": all_reduce, "every": every, "comment": comment},
     }
     # Both machines in the name: the single-device record's card and the CPU machine the network was measured on.
     slug = f"{(rec.get('hardware') or {}).get('slug') or 'unknown'}-cpu-{comm_rec.get('cpu_count', 0)}core"
@@ -336,9 +347,10 @@ def report_cmd(a) -> int:
     md += f"\n![scaling]({base}.png)\n"
     written = report.write_outputs(out_dirs, base, markdown=md, data=rep, files={f"{base}.png": blob})
     print("\n".join(written))
-    print(f"validation: measured / model {rep['validation']['min_ratio']:.2f} to {rep['validation']['max_ratio']:.2f}"
-          f" (>= {a.min_mib} MiB): {'within' if within else 'NOT within'} {VALIDATION_FACTOR:g}x")
-    return 0 if within else 1
+    for name_, v in (("all-reduce", all_reduce), ("every collective", every)):
+        print(f"validation, {name_} >= {a.min_mib} MiB: measured / model {v['min_ratio']:.2f} to "
+              f"{v['max_ratio']:.2f}: {'within' if v['within'] else 'NOT within'} {VALIDATION_FACTOR:g}x")
+    return 0 if all_reduce["within"] else 1
 
 
 def main(argv=None) -> int:

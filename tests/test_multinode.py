@@ -48,6 +48,13 @@ def _sources(local: str | None = None, remote: str | None = None) -> str:
     return "data.sources=[{" + ", ".join(f"{k}: {v}" for k, v in src.items()) + "}]"
 
 
+def _tail(text: str, n: int = 4000) -> str:
+    """The end of a job log without torch's and DeepSpeed's warning lines (for assertion messages)."""
+    keep = [ln for ln in text.splitlines()
+            if not any(w in ln for w in ("Warning", "[WARNING]", "return func", "client socket cannot"))]
+    return "\n".join(keep)[-n:]
+
+
 def _read_metrics(run_dir: str) -> tuple[dict, list]:
     from pixart_ds.train.metrics import read_metrics
 
@@ -84,8 +91,8 @@ def _wait_steps(job: int, run_dir: str, at_least: int, log: str, timeout: float 
     deadline = time.time() + timeout
     while (n := steps_done(metrics)) < at_least:
         info = job_info(job)
-        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (info["JobState"], read_log(log)[-3000:])
-        assert time.time() < deadline, read_log(log)[-3000:]
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (info["JobState"], _tail(read_log(log)))
+        assert time.time() < deadline, _tail(read_log(log))
         time.sleep(0.2)
     return n
 
@@ -170,8 +177,8 @@ def test_stage2_on_two_hosts_zero2_same_samples_as_one_node(runs):
     /dev/shm -- with one /dev/shm for both hosts the two leaders would collide)."""
     ref, mn = runs["ref"], runs["mn"]
     log = read_log(mn["log"])
-    assert ref["info"]["JobState"] == "COMPLETED", read_log(ref["log"])[-3000:]
-    assert mn["info"]["JobState"] == "COMPLETED" and mn["info"]["ExitCode"] == "0:0", log[-3000:]
+    assert ref["info"]["JobState"] == "COMPLETED", _tail(read_log(ref["log"]))
+    assert mn["info"]["JobState"] == "COMPLETED" and mn["info"]["ExitCode"] == "0:0", _tail(log)
     assert mn["info"]["NumNodes"] == "2" and mn["info"]["NodeList"] == "pixnode[1-2]", mn["info"]
     assert "nodes pixnode[1-2]; 4 tasks" in log and f"pixart-ds train: done at step {STEPS}" in log
     assert "NCCL_SOCKET_IFNAME=eth0 GLOO_SOCKET_IFNAME=eth0" in log  # common.sh's network settings, logged
@@ -218,14 +225,14 @@ def test_preempted_on_two_hosts_requeued_onto_one_node_continues_exactly(runs, s
     subprocess.run(["scancel", "--signal=USR1", str(job)], check=True, timeout=30)
     requeued = wait_job(job, 120, log, states={"PENDING", "REQUEUED"} | TERMINAL)
     assert requeued["JobState"] in ("PENDING", "REQUEUED") and requeued["Restarts"] == "1", (
-        requeued, read_log(log)[-3000:])
+        requeued, _tail(read_log(log)))
     subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=2"], check=True, timeout=30)
     info = wait_job(job, 300, log)
     text = read_log(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _tail(text)
     assert info["NumNodes"] == "1" and info["Restarts"] == "1", info
-    assert "restart 0; nodes pixnode[1-2]; 2 tasks" in text and "requeueing" in text, text[-3000:]
-    assert re.search(r"restart 1; nodes pixnode[12]; 2 tasks", text), text[-3000:]
+    assert "restart 0; nodes pixnode[1-2]; 2 tasks" in text and "requeueing" in text, _tail(text)
+    assert re.search(r"restart 1; nodes pixnode[12]; 2 tasks", text), _tail(text)
 
     steps, events = _read_metrics(run_dir)
     stop = [e for e in events if e["event"] == "stop"]
@@ -268,12 +275,12 @@ def test_host_killed_survivors_name_host_and_ranks(shared, hosts):
         os.kill(pid, signal.SIGKILL)
     info = wait_job(job, 180, log)
     text = read_log(log)
-    assert info["JobState"] == "FAILED", text[-3000:]
-    assert f"srun: error: pixnode1: tasks 0-1: Exited with exit code {LOST_RANK_EXIT_CODE}" in text, text[-3000:]
+    assert info["JobState"] == "FAILED", _tail(text)
+    assert f"srun: error: pixnode1: tasks 0-1: Exited with exit code {LOST_RANK_EXIT_CODE}" in text, _tail(text)
     for rank in (0, 1):
         m = re.search(rf"pixart-ds train: error: rank {rank} lost contact with the other ranks after step (\d+) "
                       rf"\(.*\): ranks 2-3 on host pixnode2 have exited; .*latest checkpoint: (step_\d+); ", text)
-        assert m, text[-3000:]
+        assert m, _tail(text)
     _, events = _read_metrics(run_dir)
     lost = [e for e in events if e["event"] == "rank_lost"]
     assert len(lost) == 1 and lost[0]["lost_ranks"] == [2, 3], lost
@@ -300,10 +307,10 @@ def test_run_dir_on_node_local_tmp_is_refused(shared, hosts):
                  args=[*OVERRIDES, "train.micro_batch_size=2", _sources(local=os.path.join(shared, "shards"))])
     info = wait_job(job, 180, log)
     text = read_log(log)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-3000:]
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", _tail(text)
     assert re.search(rf"pixart-ds train: error: run_dir: {run_dir} is not on a filesystem shared by every node: "
                      rf"rank 0 \(host pixnode1\) wrote {run_dir}/\.shared-check-\w+ and rank 1 on host pixnode2 "
-                     rf"cannot see it", text), text[-3000:]
+                     rf"cannot see it", text), _tail(text)
     assert not os.path.exists(run_dir)  # nothing appeared on this machine's /tmp either
 
 
@@ -359,7 +366,7 @@ def test_features_and_caption_jobs_across_two_hosts(shared, hosts):
     }
     for k, job in jobs.items():
         info = wait_job(job, 300, logs[k])
-        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "pixnode[1-2]", read_log(logs[k])[-3000:]
+        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "pixnode[1-2]", _tail(read_log(logs[k]))
         assert "nodes pixnode[1-2]; 2 tasks" in read_log(logs[k])
 
     s = read_summary(feat)

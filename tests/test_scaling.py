@@ -138,14 +138,17 @@ def test_zero2_bytes_of_pixart_xl2():
 
 def test_gloo_estimate_adds_its_local_work():
     """The validation's estimate of torch's gloo collectives: the ring formula plus the sums and copies gloo does on
-    a CPU; its reduce_scatter_tensor is an all-reduce of the whole tensor between a clone and a copy."""
-    bw, lat, red, cp = 1e9, 1e-4, 4e9, 8e9
+    a CPU; all_gather_into_tensor fills a new buffer and copies it out; reduce_scatter_tensor is an all-reduce of a
+    new clone of the whole tensor, then a copy of the rank's chunk."""
+    bw, lat, red, cp, fresh = 1e9, 1e-4, 4e9, 8e9, 2e9
     S_ = 64e6
-    ar = S.gloo_collective_time("all_reduce", S_, 2, bw, lat, red, cp)
+    ar = S.gloo_collective_time("all_reduce", S_, 2, bw, lat, red, cp, fresh)
     assert ar == pytest.approx(S.collective_time("all_reduce", S_, 2, bw, lat) + 0.5 * S_ / red)
-    ag = S.gloo_collective_time("all_gather", S_, 2, bw, lat, red, cp)
-    assert ag == pytest.approx(0.5 * S_ / bw + lat + S_ / cp)
-    rs = S.gloo_collective_time("reduce_scatter", S_, 2, bw, lat, red, cp)
-    assert rs == pytest.approx(S_ / cp + ar + S_ / 2 / cp)
+    ag = S.gloo_collective_time("all_gather", S_, 2, bw, lat, red, cp, fresh)
+    assert ag == pytest.approx(0.5 * S_ / bw + lat + S_ / fresh + S_ / cp)
+    rs = S.gloo_collective_time("reduce_scatter", S_, 2, bw, lat, red, cp, fresh)
+    assert rs == pytest.approx(S_ / fresh + ar + S_ / 2 / cp)
+    assert S.gloo_collective_time("all_gather", S_, 2, bw, lat, red, cp) == pytest.approx(
+        0.5 * S_ / bw + lat + 2 * S_ / cp)  # without a fresh-memory rate: the plain copy rate
     with pytest.raises(ValueError):
         S.gloo_collective_time("broadcast", S_, 2, bw, lat, red, cp)

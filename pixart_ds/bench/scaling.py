@@ -366,44 +366,55 @@ def measure_link(host: str, port: int, nbytes: int, pings: int = 200, rounds: in
 
 def local_rates(nbytes: int, dtypes, repeats: int = 5) -> dict:
     """This host's bytes/s for the local work a CPU collective adds to the transfers, on one thread (gloo runs a
-    collective on one thread): summing two tensors of `nbytes` (per dtype name) and copying one. Fastest of
-    `repeats` (interference only adds time)."""
+    collective on one thread): summing two tensors of `nbytes` (per dtype name), copying into an existing tensor, and
+    copying into a NEW one (its memory is allocated and first touched: the buffers gloo allocates per call). Fastest
+    of `repeats` (interference only adds time)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = {"reduce": {}, "copy": None}
+        out = {"reduce": {}, "copy": 0.0, "fresh_copy": 0.0}
         for dtype in dtypes:
             n = nbytes // torch.tensor([], dtype=dtype).element_size()
             a, b = torch.ones(n, dtype=dtype), torch.ones(n, dtype=dtype)
-            for kind in ("reduce", "copy"):
-                best = float("inf")
-                for _ in range(repeats):
+            best = {"reduce": float("inf"), "copy": float("inf"), "fresh_copy": float("inf")}
+            for _ in range(repeats):
+                for kind in best:
                     t0 = time.perf_counter()
-                    a.add_(b) if kind == "reduce" else a.copy_(b)
-                    best = min(best, time.perf_counter() - t0)
-                if kind == "reduce":
-                    out["reduce"][str(dtype).replace("torch.", "")] = nbytes / best
-                else:
-                    out["copy"] = max(out["copy"] or 0.0, nbytes / best)
+                    if kind == "reduce":
+                        a.add_(b)
+                    elif kind == "copy":
+                        a.copy_(b)
+                    else:
+                        c = torch.empty(n, dtype=dtype).copy_(b)
+                    best[kind] = min(best[kind], time.perf_counter() - t0)
+                    if kind == "fresh_copy":
+                        del c  # freed: the next one is fresh memory again
+            out["reduce"][str(dtype).replace("torch.", "")] = nbytes / best["reduce"]
+            out["copy"] = max(out["copy"], nbytes / best["copy"])
+            out["fresh_copy"] = max(out["fresh_copy"], nbytes / best["fresh_copy"])
         return out
     finally:
         torch.set_num_threads(threads)
 
 
 def gloo_collective_time(op: str, nbytes: float, ranks: int, bandwidth: float, latency: float,
-                         reduce_bw: float, copy_bw: float) -> float:
+                         reduce_bw: float, copy_bw: float, fresh_copy_bw: float | None = None) -> float:
     """collective_time plus the local work torch's gloo backend adds on a CPU (torch/csrc/distributed/c10d/
-    ProcessGroupGloo.cpp): its ring all-reduce sums (N-1)/N of the tensor; all_gather_into_tensor gathers into a
-    flat buffer and copies it out; reduce_scatter_tensor is a clone, an all-reduce of the WHOLE tensor, and a copy of
-    this rank's chunk (`reduce_scatter_tensor_coalesced`), not a ring reduce-scatter."""
+    ProcessGroupGloo.cpp, gloo/allgather.cc): its ring all-reduce works in place and sums (N-1)/N of the tensor;
+    all_gather_into_tensor allocates a new flat buffer per call (`newLikeFlat`), gloo primes it with this rank's
+    part and receives the rest into it, then it is copied out into the output; reduce_scatter_tensor clones the
+    input (new memory), all-reduces the WHOLE clone, and copies this rank's chunk out
+    (`reduce_scatter_tensor_coalesced`): an all-reduce's volume, not a ring reduce-scatter's. `fresh_copy_bw`: bytes/s
+    of a copy into newly allocated memory (default: copy_bw)."""
+    fresh = fresh_copy_bw or copy_bw
     frac = (ranks - 1) / ranks if ranks > 1 else 0.0
     if op == "all_reduce":
         return collective_time(op, nbytes, ranks, bandwidth, latency) + frac * nbytes / reduce_bw
     if op == "all_gather":
-        return collective_time(op, nbytes, ranks, bandwidth, latency) + nbytes / copy_bw
+        return collective_time(op, nbytes, ranks, bandwidth, latency) + nbytes / fresh + nbytes / copy_bw
     if op == "reduce_scatter":
-        return (nbytes / copy_bw + gloo_collective_time("all_reduce", nbytes, ranks, bandwidth, latency, reduce_bw,
-                                                        copy_bw) + nbytes / ranks / copy_bw)
+        return (nbytes / fresh + gloo_collective_time("all_reduce", nbytes, ranks, bandwidth, latency, reduce_bw,
+                                                      copy_bw) + nbytes / ranks / copy_bw)
     raise ValueError(f"unknown collective {op!r}")
 
 
