@@ -35,6 +35,15 @@
 # bridge's /24, default 10.77.0), PIXART_SLURM_DIR, PIXART_SLURM_TIMEOUT (seconds to wait for the nodes), PYTHON.
 set -euo pipefail
 
+# The daemons started here (munged, slurmctld, slurmd, the hosts) must not inherit this shell's other descriptors:
+# a caller's `flock LOCKFILE bash slurm/local-cluster.sh up` would otherwise leave the lock held for as long as munged
+# lives. Bash itself reads this script through fd 255.
+for _fd in /proc/$$/fd/*; do
+    _fd=${_fd##*/}
+    if ((_fd > 2 && _fd < 255)); then eval "exec ${_fd}>&-" 2>/dev/null || true; fi
+done
+unset _fd
+
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 SCRATCH=${PIXART_SLURM_DIR:-/var/tmp/pixart-ds-slurm}
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
@@ -219,7 +228,16 @@ start_host() {
     # nsenter --net rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup from slurmd.
     setsid nsenter --net="/run/netns/$name" unshare --mount --uts --pid --fork --kill-child=SIGTERM --mount-proc \
         --propagation private bash "$SELF" _host-init "$name" </dev/null >>"$SCRATCH/log/host-$name.log" 2>&1 &
-    echo $! >"$(holder_pidfile "$name")"
+    local pid=$!
+    echo $pid >"$(holder_pidfile "$name")"
+    # setsid and nsenter exec into unshare: wait for it (host_alive checks the command name) or for a failure.
+    for _ in $(seq 100); do
+        host_alive "$name" && return 0
+        [[ -d /proc/$pid ]] || break
+        sleep 0.05
+    done
+    tail -n 20 "$SCRATCH/log/host-$name.log" >&2 || true
+    die "host $name did not start (log: $SCRATCH/log/host-$name.log)"
 }
 
 host_init() {  # inside the new namespaces (PID 1 is this shell until it execs tini)

@@ -373,7 +373,9 @@ class Run:
             return None
         # Now, not after the loop: the launcher's SIGTERM may follow shortly (its handler is restored below).
         print(f"pixart-ds train: error: {msg}", file=sys.stderr, flush=True)
-        return RunEnd(LOST_RANK_EXIT_CODE, "", "rank_lost", message=msg, lost_ranks=lost)
+        end = RunEnd(LOST_RANK_EXIT_CODE, "", "rank_lost", lost_ranks=lost)
+        end.fields["message"] = msg  # for the metrics event; printed above already (RunEnd's own message would clash)
+        return end
 
 
 # ----------------------------------------------------------------------------------------------------------------

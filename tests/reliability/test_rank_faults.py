@@ -170,7 +170,7 @@ def test_fetch_watchdog_ends_a_stalled_wait_and_stays_quiet_otherwise():
     import subprocess
     import sys
 
-    code = ("import time\nfrom pixart_ds.train.trainer import _FetchWatchdog\n"
+    code = ("import time\nfrom pixart_ds.train.resilience import FetchWatchdog as _FetchWatchdog\n"
             "with _FetchWatchdog(5, lambda: 'never'):\n    pass\n"
             "with _FetchWatchdog(1, lambda: 'stuck fetch'):\n    time.sleep(60)\n")
     t0 = time.time()
