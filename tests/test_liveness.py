@@ -10,11 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from pixart_ds.train import liveness
-from pixart_ds.train.resilience import describe_peers
+from pixart_ds.train.resilience import describe_peers, process_state
 
 SERVE = "from pixart_ds.train import liveness; import sys, time; print(liveness.serve(), flush=True); time.sleep(600)"
 
@@ -39,12 +40,21 @@ def peer():
         p.wait()
 
 
+def _wait_stopped(pid: int) -> None:
+    """SIGSTOP takes effect asynchronously: wait until /proc says the process is stopped."""
+    deadline = time.time() + 10
+    while process_state(pid) != "stopped":
+        assert time.time() < deadline, f"pid {pid} did not stop"
+        time.sleep(0.02)
+
+
 def test_probe_tells_alive_exited_stopped_and_unreachable(peer):
     assert liveness.probe("127.0.0.1", liveness.serve()) == liveness.ALIVE
     assert liveness.serve() == liveness.serve()  # one responder per process
     p, port = peer()
     assert liveness.probe("127.0.0.1", port) == liveness.ALIVE
     os.kill(p.pid, signal.SIGSTOP)
+    _wait_stopped(p.pid)
     assert liveness.probe("127.0.0.1", port, timeout=0.5) == liveness.NO_ANSWER
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -80,6 +90,7 @@ def test_describe_peers_checks_other_hosts_over_the_network(peer):
     dead.kill()
     dead.wait()
     os.kill(stopped.pid, signal.SIGSTOP)
+    _wait_stopped(stopped.pid)
     assert socket.gethostname() != "localhost"
     peers = [(socket.gethostname(), os.getpid(), liveness.serve()), ("localhost", dead.pid, dead_port),
              ("localhost", stopped.pid, stopped_port), ("localhost", alive.pid, alive_port)]

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
@@ -125,9 +126,23 @@ def peer_table() -> list[tuple[str, int, int | None]]:
     return out
 
 
-def describe_peers(peers: list[tuple], rank: int) -> tuple[list[int], str]:
+def describe_peers(peers: list[tuple], rank: int, settle_s: float = 3.0) -> tuple[list[int], str]:
     """(ranks seen lost, a sentence about them) after a failed collective. Peers on this host are checked through
-    /proc; peers on other hosts through their liveness responder (the sentence names the host and its ranks)."""
+    /proc; peers on other hosts through their liveness responder (the sentence names the host and its ranks).
+
+    A peer's sockets close while it is still exiting: for a moment its /proc entry still runs and its responder
+    still accepts connections without answering. So the check is repeated for up to `settle_s` while it sees no lost
+    peer, or a remote one that does not answer, and the last view is reported."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        lost, parts, unsettled = _describe_peers_once(peers, rank)
+        if (lost and not unsettled) or time.monotonic() >= deadline:
+            return lost, "; ".join(parts)
+        time.sleep(0.2)
+
+
+def _describe_peers_once(peers: list[tuple], rank: int) -> tuple[list[int], list[str], bool]:
+    """One look: (lost ranks, phrases, whether a remote peer accepted but did not answer)."""
     host = socket.gethostname()
     lost, parts, remote = [], [], {}
     for r, (h, pid, *port) in enumerate(peers):
@@ -144,9 +159,8 @@ def describe_peers(peers: list[tuple], rank: int) -> tuple[list[int], str]:
             lost.append(r)
             parts.append(f"rank {r} (pid {pid}) is stopped and does not answer")
     unknown = sorted(r for r, (_, port) in remote.items() if port is None)
-    remote_lost, remote_parts = liveness.describe_remote(
-        liveness.probe_peers({r: hp for r, hp in remote.items() if hp[1] is not None}),
-        {r: h for r, (h, _) in remote.items()})
+    states = liveness.probe_peers({r: hp for r, hp in remote.items() if hp[1] is not None})
+    remote_lost, remote_parts = liveness.describe_remote(states, {r: h for r, (h, _) in remote.items()})
     lost = sorted(lost + remote_lost)
     parts += remote_parts
     if unknown:
@@ -154,7 +168,7 @@ def describe_peers(peers: list[tuple], rank: int) -> tuple[list[int], str]:
                      f"failed)")
     if not parts:
         parts.append("every other rank is still running (one of them may hang)")
-    return lost, "; ".join(parts)
+    return lost, parts, liveness.NO_ANSWER in states.values()
 
 
 def barrier() -> None:
