@@ -402,6 +402,27 @@ def test_features_and_caption_jobs_across_two_hosts(shared, hosts):
     print(f"\nfeatures + caption across two hosts: {time.time() - t0:.0f} s")
 
 
+@pytest.mark.slurm
+def test_scaling_comm_measures_the_network_between_the_two_hosts(shared, hosts):
+    """`benchmarks/scaling.py comm` as benchmarks/README.md runs it: one rank per host under srun, the link between
+    them and gloo's collectives timed (a short run: one repeat, small link rounds)."""
+    out = os.path.join(shared, "comm.json")
+    p = subprocess.run(["srun", "--partition=multi", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                        "--time=10", "bash", COMMON, "task", "--", "python3", os.path.join(REPO, "benchmarks",
+                                                                                          "scaling.py"),
+                        "comm", "--out", out, "--repeats", "1", "--link-mib", "8", "--local-mib", "8"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, _tail(p.stdout + p.stderr)
+    with open(out) as f:
+        rec = json.load(f)
+    assert rec["hosts"] == list(HOSTS) and rec["world_size"] == 2 and rec["backend"] == "gloo"
+    assert rec["link"]["bandwidth_both_ways"] > 0 and rec["link"]["latency_s"] > 0
+    assert {(c["op"], c["dtype"]) for c in rec["collectives"]} == {
+        ("all_reduce", "float32"), ("all_reduce", "bfloat16"), ("all_gather", "bfloat16"),
+        ("reduce_scatter", "bfloat16")}
+    assert all(c.get("median_s", 0) > 0 for c in rec["collectives"]), rec["collectives"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # common.sh: what a real cluster's network needs (no cluster needed)
 # ----------------------------------------------------------------------------------------------------------------

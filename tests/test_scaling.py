@@ -152,3 +152,34 @@ def test_gloo_estimate_adds_its_local_work():
         0.5 * S_ / bw + lat + 2 * S_ / cp)  # without a fresh-memory rate: the plain copy rate
     with pytest.raises(ValueError):
         S.gloo_collective_time("broadcast", S_, 2, bw, lat, red, cp)
+
+
+def test_report_script_reproduces_the_committed_report(tmp_path):
+    """`benchmarks/scaling.py report` as a user runs it, fed the inputs recorded in the committed report (its
+    network measurement and the H200 record): the same projection, a plot, and exit 0 (all-reduce within 2x)."""
+    import glob
+    import subprocess
+    import sys
+
+    committed = sorted(glob.glob(os.path.join(REPO, "benchmarks", "results", "scaling_stage2_sam256_*.json")))[-1]
+    with open(committed) as f:
+        rec = json.load(f)
+    comm = tmp_path / "comm.json"
+    comm.write_text(json.dumps(rec["validation"]["comm"]))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "scaling.py"), "report", "--comm", str(comm),
+                        "--record", os.path.join(REPO, rec["speed"]["source"]), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert "validation, all-reduce >= 8 MiB" in p.stdout and ": within 2x" in p.stdout
+    new = json.loads(next(out.glob("*.json")).read_text())
+    assert new["params"] == rec["params"] == 610_856_096
+    for key in rec["projection"]:
+        for field in ("step_s", "gpu_days", "efficiency", "grad_comm_s", "param_comm_s"):
+            assert [r[field] for r in new["projection"][key]["rows"]] == pytest.approx(
+                [r[field] for r in rec["projection"][key]["rows"]]), (key, field)
+    assert list(out.glob("*.png")) and "## 2. The communication half" in next(out.glob("*.md")).read_text()
+
+    p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "scaling.py"), "report", "--comm",
+                        str(tmp_path / "nope.json"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "scaling report: error: --comm" in p.stderr and "nope.json" in p.stderr
