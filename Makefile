@@ -30,7 +30,7 @@ slurm-status:
 	bash slurm/local-cluster.sh status
 
 test-slurm: slurm-up
-	$(PY) -m pytest -q tests/test_slurm.py
+	$(PY) -m pytest -q tests/test_slurm.py tests/test_multinode.py
 
 # The offline wheel folder for a GPU machine (benchmarks/gpu_kit.py; carried as gpu_kit/, ignored by git).
 gpu-kit:

@@ -37,7 +37,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.5"],
         "wandb": ["wandb"],
-        "dev": ["pytest>=7", "pytest-timeout", "hypothesis"],
+        "dev": ["pytest>=7", "pytest-timeout", "hypothesis", "slurmutils>=1.3,<2"],
     },
     entry_points={"console_scripts": ["pixart-ds=pixart_ds.cli:main"]},
 )

@@ -119,7 +119,7 @@ def versions() -> dict:
 
 def git_revision() -> str | None:
     """`<sha>` or `<sha>-dirty` of the source tree this package runs from, None outside a checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pixart_ds/hardware.py -> the checkout
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=20)

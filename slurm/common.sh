@@ -17,6 +17,9 @@
 #   MAX_REQUEUES stop requeueing after this many restarts (default 100)
 #   CLEAN_SHM    1 (default): remove stale Streaming shared memory on each node first; 0: skip
 #   REQUEUE_EXIT_CODE  the trainer's "checkpointed, please requeue" exit code (default 75, as in the trainer)
+#   NET_IFNAME   the network interface for NCCL's and gloo's sockets on every node (e.g. ib0); see pixart_env
+#   MASTER_ADDR  the rendezvous host (default: the first host of the job's node list, as Slurm names it; set it when
+#                that name resolves to an address the other nodes cannot reach, e.g. a management network)
 # Key=value arguments after the sbatch file name (`sbatch slurm/stage2.sbatch train.lr=1e-4`) are overrides too.
 # Hyperparameters belong in recipes: these files only pick the recipe, the resources and the environment.
 
@@ -24,16 +27,36 @@
 # Environment shared by all launchers. NCCL settings live here and nowhere else.
 # ----------------------------------------------------------------------------------------------------------------
 pixart_env() {
-    # Collective errors and timeouts raise in Python instead of hanging the job (train.collective_timeout_s).
+    # Collective errors and timeouts raise in Python instead of hanging the job (the recipe's
+    # train.collective_timeout_s bounds every collective, NCCL and gloo alike: pixart_ds/train/dist.py).
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-    # InfiniBand: a longer retransmission timeout survives transient fabric hiccups on long runs (NCCL docs).
+    # InfiniBand: a longer retransmission timeout (4.096 us x 2^22, about 17 s) and the most retries survive
+    # transient fabric hiccups on long runs (NCCL's environment-variable documentation).
     export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
-    # Set NCCL_SOCKET_IFNAME / NCCL_IB_HCA in the environment when the cluster needs them; they are site-specific.
+    export NCCL_IB_RETRY_CNT=${NCCL_IB_RETRY_CNT:-7}
+    # The socket interface for NCCL's bootstrap (and its data, when there is no InfiniBand) and for gloo. Unset, NCCL
+    # picks any interface but lo and docker*, and gloo the address the hostname resolves to -- on a cluster with a
+    # management and a fast network that can be the slow one. NET_IFNAME=ib0 (or bond0, eth0...) names it for both;
+    # a NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME set by the user wins. Site-specific, so no default:
+    #   NCCL_IB_HCA=mlx5_0,mlx5_1  which HCAs (NCCL uses all it finds);  NCCL_IB_DISABLE=1  no InfiniBand (sockets).
+    if [[ -n ${NET_IFNAME:-} ]]; then
+        export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$NET_IFNAME}
+        export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$NET_IFNAME}
+    fi
     export PYTHONUNBUFFERED=1
     # One BLAS/OpenMP pool per rank sized to the rank's CPUs (torch warns and oversubscribes otherwise).
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+}
+
+# The network settings in effect, for the job log (only those set).
+pixart_net_summary() {
+    local v out=()
+    for v in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE MASTER_ADDR MASTER_PORT; do
+        [[ -n ${!v:-} ]] && out+=("$v=${!v}")
+    done
+    echo "${out[*]:-defaults}"
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,6 +179,7 @@ pixart_run_step() {
         shift
     fi
     pixart_log "restart $restarts; nodes $SLURM_JOB_NODELIST; $SLURM_NTASKS tasks; $*"
+    pixart_log "network: $(pixart_net_summary)"
     pixart_clean_shm || pixart_log "warning: cleaning stale shared memory failed"
     # Tasks per node and CPUs per task are passed on explicitly: since Slurm 22.05 srun does not inherit
     # --cpus-per-task from the batch allocation.

@@ -7,7 +7,6 @@ keeps finished jobs visible for MinJobAge seconds (slurm/local-cluster.sh).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,6 +14,8 @@ import subprocess
 import time
 
 import pytest
+from slurm_helpers import TERMINAL, job_info, read_log, sbatch, wait_job
+from slurm_helpers import steps_done as _steps_done
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = os.path.join(REPO, "slurm", "common.sh")
@@ -119,8 +120,6 @@ def test_common_sh_requeue_code_is_the_trainers():
 
 # sbatch options that turn the GPU defaults into this machine: one node, 2 CPU tasks, no GPUs.
 CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
 
 
 @pytest.fixture(scope="module")
@@ -134,48 +133,20 @@ def cluster():
     return True
 
 
-def sbatch(script: str, *options: str, variables: dict | None = None, args=(), cwd=REPO) -> int:
-    """Submit slurm/SCRIPT unmodified with command-line options; returns the job id."""
-    export = "ALL" + "".join(f",{k}={v}" for k, v in (variables or {}).items())
-    cmd = ["sbatch", "--parsable", f"--export={export}", *options, os.path.join(REPO, "slurm", script), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=60)
-    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stderr}"
-    return int(p.stdout.strip().split(";")[0])
-
-
-def job_info(job_id: int) -> dict:
-    """`scontrol show job -o ID` as a dict (JobState, ExitCode, Restarts, Dependency, Command, ...)."""
-    p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, f"job {job_id} unknown to Slurm: {p.stderr}"
-    info = {}
-    for tok in p.stdout.split():
-        k, _, v = tok.partition("=")
-        if v or k not in info:
-            info[k] = v
-    return info
-
-
-def wait_job(job_id: int, timeout: float, log: str | None = None, states=TERMINAL) -> dict:
-    deadline = time.time() + timeout
-    while True:
-        info = job_info(job_id)
-        if info["JobState"] in states:
-            return info
-        if time.time() > deadline:
-            subprocess.run(["scancel", str(job_id)])
-            tail = open(log).read()[-3000:] if log and os.path.exists(log) else ""
-            pytest.fail(f"job {job_id} still {info['JobState']} after {timeout:.0f}s\n{tail}")
-        time.sleep(0.5)
-
-
-def read_log(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+def _scontrol_config() -> dict:
+    """The configuration slurmctld runs with (`scontrol show config`: defaults included), as a dict."""
+    p = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return {k.strip(): v.strip() for k, _, v in (ln.partition("=") for ln in p.stdout.splitlines()) if v}
 
 
 @pytest.mark.slurm
 def test_local_cluster_up_is_idempotent(cluster):
-    """`up` on a running cluster: no restart, no rewrite, the node stays usable; the config is the one docs/stack.md describes."""
+    """`up` on a running cluster: no restart, no rewrite, every node stays usable; the configuration Slurm runs with
+    is the minimal one docs/stack.md describes (linuxproc, no task plugin, no accounting), this machine's node in the
+    default partition."""
+    from slurmutils import SlurmConfig
+
     script = os.path.join(REPO, "slurm", "local-cluster.sh")
     conf = "/etc/slurm/slurm.conf"
     before = os.stat(conf).st_mtime_ns
@@ -185,17 +156,21 @@ def test_local_cluster_up_is_idempotent(cluster):
         assert re.search(r"node \S+ is (idle|mix|alloc)", p.stderr), p.stderr
         assert "starting" not in p.stderr and "wrote" not in p.stderr, p.stderr
     assert os.stat(conf).st_mtime_ns == before
-    text = open(conf).read()
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    for line in ("ClusterName=local", f"SlurmctldHost={host}", "ProctrackType=proctrack/linuxproc",
-                 "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-                 "AccountingStorageType=accounting_storage/none"):
-        assert line in text.splitlines(), line
-    node = re.search(r"^NodeName=(\S+) CPUs=(\d+) RealMemory=(\d+)", text, re.M)
-    assert node.group(1) == host and int(node.group(2)) == os.cpu_count()
+    effective = _scontrol_config()
+    for key, value in (("ClusterName", "local"), ("SlurmctldHost[0]", host), ("ProctrackType", "proctrack/linuxproc"),
+                       ("TaskPlugin", "task/none"), ("SelectType", "select/cons_tres"),
+                       ("SelectTypeParameters", "CR_CORE"), ("AccountingStorageType", "accounting_storage/none"),
+                       ("SwitchType", "switch/none"), ("AuthInfo", "cred_expire=10")):
+        assert effective.get(key) == value, (key, effective.get(key))
+    # The file itself, read back with slurmutils (it wrote it): this machine's node sized to the machine.
+    written = SlurmConfig.from_str(open(conf).read())
+    node = written.nodes[host]
+    assert node.cpus == os.cpu_count()
     total_mb = int(open("/proc/meminfo").readline().split()[1]) // 1024
-    assert 0 < int(node.group(3)) < total_mb
-    assert "OverSubscribe=YES" in re.search(r"^PartitionName=.*$", text, re.M).group(0)
+    assert 0 < node.real_memory < total_mb
+    debug = written.partitions["debug"]
+    assert debug.nodes == [host] and debug.default and debug.over_subscribe == "yes"
     p = subprocess.run(["bash", script, "status"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "slurmctld: running" in p.stdout and "slurmd: running" in p.stdout, p.stdout
 
@@ -370,20 +345,6 @@ def _export(run_dir: str, out: str, use_ema: bool) -> dict:
 
     assert export_weights(run_dir, out, use_ema=use_ema).startswith(f"wrote {out} (")
     return load_file(os.path.join(out, "model.safetensors"))
-
-
-def _steps_done(metrics: str) -> int:
-    """The highest step record in a metrics.jsonl being written (a torn last line is skipped)."""
-    best = 0
-    if os.path.exists(metrics):
-        for line in open(metrics):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if "event" not in rec:
-                best = max(best, int(rec["step"]))
-    return best
 
 
 @pytest.mark.slurm

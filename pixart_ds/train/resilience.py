@@ -7,7 +7,8 @@
 - `FetchWatchdog`: bounds the one wait torch's collective timeout does not, the next batch (Streaming's epoch
   barrier spins without a timeout until every rank of the node arrives).
 - `peer_table` / `describe_peers` / `lost_rank_message`: after a failed collective, say which peer is gone or
-  stopped, and where the last good checkpoint is.
+  stopped (on this host through /proc, on another through its liveness responder: which host, which ranks), and
+  where the last good checkpoint is.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
 
 from pixart_ds import dist
+from pixart_ds.train import liveness
 
 LOST_RANK_EXIT_CODE = 4
 
@@ -111,27 +114,42 @@ def process_state(pid: int) -> str:
     return {"Z": "gone", "X": "gone", "x": "gone", "T": "stopped", "t": "stopped"}.get(state, "running")
 
 
-def peer_table() -> list[tuple[str, int]]:
-    """(hostname, pid) of every rank, in rank order; a collective, called once at start so that a survivor can later
-    tell which peer is gone without talking to it."""
-    me = (socket.gethostname(), os.getpid())
+def peer_table() -> list[tuple[str, int, int | None]]:
+    """(hostname, pid, liveness port) of every rank, in rank order; a collective, called once at start so that a
+    survivor can later tell which peer is gone: through /proc on its own host, through the peer's liveness responder
+    (pixart_ds/train/liveness.py) on another."""
     if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return [me]
+        return [(socket.gethostname(), os.getpid(), None)]
+    me = (socket.gethostname(), os.getpid(), liveness.serve())
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, me)
     return out
 
 
-def describe_peers(peers: list[tuple[str, int]], rank: int) -> tuple[list[int], str]:
+def describe_peers(peers: list[tuple], rank: int, settle_s: float = 3.0) -> tuple[list[int], str]:
     """(ranks seen lost, a sentence about them) after a failed collective. Peers on this host are checked through
-    /proc; peers on other hosts cannot be, so the sentence points to the launcher's log for them."""
+    /proc; peers on other hosts through their liveness responder (the sentence names the host and its ranks).
+
+    A peer's sockets close while it is still exiting: for a moment its /proc entry still runs and its responder
+    still accepts connections without answering. So the check is repeated for up to `settle_s` while it sees no lost
+    peer, or a remote one that does not answer, and the last view is reported."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        lost, parts, unsettled = _describe_peers_once(peers, rank)
+        if (lost and not unsettled) or time.monotonic() >= deadline:
+            return lost, "; ".join(parts)
+        time.sleep(0.2)
+
+
+def _describe_peers_once(peers: list[tuple], rank: int) -> tuple[list[int], list[str], bool]:
+    """One look: (lost ranks, phrases, whether a remote peer accepted but did not answer)."""
     host = socket.gethostname()
-    lost, parts, remote = [], [], []
-    for r, (h, pid) in enumerate(peers):
+    lost, parts, remote = [], [], {}
+    for r, (h, pid, *port) in enumerate(peers):
         if r == rank:
             continue
         if h != host:
-            remote.append(r)
+            remote[r] = (h, port[0] if port else None)
             continue
         state = process_state(pid)
         if state == "gone":
@@ -140,23 +158,17 @@ def describe_peers(peers: list[tuple[str, int]], rank: int) -> tuple[list[int], 
         elif state == "stopped":
             lost.append(r)
             parts.append(f"rank {r} (pid {pid}) is stopped and does not answer")
-    if remote:
-        parts.append(f"rank(s) {_ranges(remote)} run on other hosts (see the launcher's log for which one failed)")
+    unknown = sorted(r for r, (_, port) in remote.items() if port is None)
+    states = liveness.probe_peers({r: hp for r, hp in remote.items() if hp[1] is not None})
+    remote_lost, remote_parts = liveness.describe_remote(states, {r: h for r, (h, _) in remote.items()})
+    lost = sorted(lost + remote_lost)
+    parts += remote_parts
+    if unknown:
+        parts.append(f"rank(s) {liveness.ranges(unknown)} run on other hosts (see the launcher's log for which one "
+                     f"failed)")
     if not parts:
-        parts.append("every other rank on this host is still running (one of them may hang)")
-    return lost, "; ".join(parts)
-
-
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5"."""
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        if start is None:
-            start = r
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(str(start) if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(out)
+        parts.append("every other rank is still running (one of them may hang)")
+    return lost, parts, liveness.NO_ANSWER in states.values()
 
 
 def barrier() -> None:
@@ -169,7 +181,7 @@ def destroy() -> None:
         tdist.destroy_process_group()
 
 
-def lost_rank_message(e: Optional[BaseException], peers: list[tuple[str, int]], rank: int, step: int,
+def lost_rank_message(e: Optional[BaseException], peers: list[tuple], rank: int, step: int,
                       timeout_s: float, latest: str) -> tuple[list[int], str]:
     """(lost ranks, one line) for a collective that failed with `e` after `step`, or (e is None) for a batch that
     did not come within `timeout_s`."""

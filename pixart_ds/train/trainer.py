@@ -47,6 +47,7 @@ from pixart_ds.train.faults import NO_FAULTS, Faults
 from pixart_ds.train.metrics import Metrics
 from pixart_ds.train.resilience import (LOST_RANK_EXIT_CODE, FetchWatchdog, StopFlag, agree_on_data,
                                         is_collective_error, lost_rank_message, peer_table)
+from pixart_ds.train.sharedfs import check_shared_dir
 from pixart_ds.train.state import RunState, TrainState, noise_generator
 from pixart_ds.train.step import train_step
 from pixart_ds.train.weights import init_weights
@@ -239,6 +240,7 @@ class Run:
               allow_config_change: bool) -> "Run":
         """The model (+ stage initialisation) and EMA in fp32 before DeepSpeed casts the module, the loader (after
         the process group: Streaming shares one view of the order across ranks), the engine."""
+        check_shared_dir(cfg.run_dir, "run_dir")  # every rank must see rank 0's files (multi-node: a shared fs)
         plan = ckpt.plan_resume(cfg, env.world_size, allow_config_change)  # small files, same on every rank
         if plan is not None:
             ckpt.prepare_universal(plan)
