@@ -382,7 +382,8 @@ def main(argv=None) -> int:
     hw = H.device_record(device)
     mm = H.measure_matmul_tflops(device, seconds=0.2 if a.dry_run else 1.0)
     versions = H.versions()
-    versions["pixart_ds_commit"] = versions.get("pixart_ds_commit") or os.environ.get("PIXART_DS_COMMIT")
+    # PIXART_DS_COMMIT names the commit the working tree was copied from (the device machine gets no history)
+    versions["pixart_ds_commit"] = os.environ.get("PIXART_DS_COMMIT") or versions.get("pixart_ds_commit")
     state = {"deadline": t_start + a.deadline_s, "hardware": hw, "versions": versions, "peak_tflops":
              hw.get("peak_tflops"), "matmul_tflops": mm, "achieved_tflops": None, "work": work}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -241,9 +241,23 @@ start_host() {
 }
 
 host_init() {  # inside the new namespaces (PID 1 is this shell until it execs tini)
-    local name=$1
+    local name=$1 repo hold
     hostname "$name"
+    # The checkout is on the shared filesystem of a real cluster: a checkout that lives under /tmp (a CI clone)
+    # stays visible at its own path on the host, held aside while the host's fresh /tmp is mounted.
+    repo=$(dirname "$(dirname "$SELF")")
+    hold=""
+    if [[ $repo == /tmp/* ]]; then
+        hold="$SCRATCH/hosts.d/$name.repo"
+        mkdir -p "$hold"
+        mount --bind "$repo" "$hold"
+    fi
     mount -t tmpfs -o mode=1777 tmpfs /tmp
+    if [[ -n $hold ]]; then
+        mkdir -p "$repo"
+        mount --bind "$hold" "$repo"
+        umount "$hold"
+    fi
     mount -t tmpfs -o mode=1777 tmpfs /dev/shm
     mount --bind "$SCRATCH/hosts" /etc/hosts
     exec tini -- slurmd -D

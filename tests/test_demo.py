@@ -76,7 +76,7 @@ def test_demo_small_end_to_end(run_cli, tmp_path):
             fs = json.load(f)
         assert fs["world_size"] == 2 and fs["written"] == s["images"]["stage1" if key == "features_class" else "stage2"]
         assert sorted(n for n in os.listdir(out / "data" / key) if not n.startswith(".")) == [
-            "index.json", "part-00000-of-00002", "part-00001-of-00002"]
+            "index.json", "manifest.jsonl", "part-00000-of-00002", "part-00001-of-00002"]
 
     # Both stages trained to their last step and left a complete checkpoint, written by 2 ZeRO-2 ranks.
     small = {k: dict(o.split("=", 1) for o in v) for k, v in demo.SMALL_OVERRIDES.items()}
