@@ -20,6 +20,11 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+# Every metric here sees this process's features only: ranks meet through the feature shards on disk
+# (pixart_ds.eval.shards), and in training only rank 0 evaluates. torchmetrics would otherwise all-gather its states
+# across the process group at compute() and wait forever for ranks that are training.
+LOCAL = {"sync_on_compute": False, "dist_sync_on_step": False}
+
 
 class _Precomputed(torch.nn.Module):
     """The identity on [N, D] feature rows: the 'network' torchmetrics runs when the features are already there."""
@@ -33,7 +38,7 @@ class _Precomputed(torch.nn.Module):
 
 
 def _fid_metric(dim: int):
-    return FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
+    return FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False, **LOCAL)
 
 
 def load_reference_into(metric, ref: dict) -> None:
@@ -84,7 +89,7 @@ def kid(gen_features: np.ndarray, ref_features: np.ndarray | None, subsets: int 
     if size < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(g)} generated and {len(r)} reference")
     m = KernelInceptionDistance(feature=_Precomputed(g.shape[1]), subsets=int(subsets), subset_size=size,
-                                reset_real_features=False)
+                                reset_real_features=False, **LOCAL)
     m.update(torch.from_numpy(r), real=True)
     m.update(torch.from_numpy(g), real=False)
     with torch.random.fork_rng(devices=[]):
