@@ -219,9 +219,18 @@ ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 # process of the host's PID namespace.
 host_alive() { pid_alive "$(holder_pidfile "$1")" unshare; }
 
+host_repo_file() { echo "$SCRATCH/hosts.d/$1.checkout"; }   # the checkout host $1 was started from: path and inode
+repo_id() { echo "$1 $(stat -c %d:%i "$1")"; }  # a clone removed and made again at one path is another checkout
+
 start_host() {
-    local name=$1
-    host_alive "$name" && return 0
+    local name=$1 repo
+    repo=$(dirname "$(dirname "$SELF")")
+    if host_alive "$name"; then
+        # A host started from another checkout may not see this one (a clone under /tmp is bound in at start).
+        [[ $(cat "$(host_repo_file "$name")" 2>/dev/null) == "$(repo_id "$repo")" ]] && return 0
+        log "host $name was started from another checkout: restarting it for $repo"
+        stop_host "$name"
+    fi
     mkdir -p "$SCRATCH/hosts.d" "$SCRATCH/spool/$name" "$SCRATCH/log"
     log "starting slurmd on host $name ($(host_addr "$name"))"
     # setsid: the host outlives this script and the terminal or test that ran it.
@@ -230,6 +239,7 @@ start_host() {
         --propagation private bash "$SELF" _host-init "$name" </dev/null >>"$SCRATCH/log/host-$name.log" 2>&1 &
     local pid=$!
     echo $pid >"$(holder_pidfile "$name")"
+    repo_id "$repo" >"$(host_repo_file "$name")"
     # setsid and nsenter exec into unshare: wait for it (host_alive checks the command name) or for a failure.
     for _ in $(seq 100); do
         host_alive "$name" && return 0
