@@ -119,6 +119,22 @@ def test_sam_without_captions_from_tars(fake_sam, tmp_path):
     assert sorted(samples(out)) == ["sa_1", "sa_2", "sa_3", "sa_4", "sa_5"]
 
 
+def test_rerun_with_fewer_archives_says_which_partitions_it_removes(fake_sam, tmp_path, capsys):
+    """The merged index holds what this run lists: a rerun without one tar removes that tar's partition and says so."""
+    root, caps, _ = fake_sam
+    tars = sam_tars(root, str(tmp_path / "dl"))
+    out = str(tmp_path / "raw")
+    convert.sam(tars, captions=str(caps), out=out, workers=1, progress=False)
+    capsys.readouterr()
+    s = convert.sam(tars[:1], captions=str(caps), out=out, workers=1, progress=False)
+    said = capsys.readouterr().out
+    assert f"removing 1 partition(s) of an earlier run that this one no longer lists from {out}: sa_000001" in said
+    assert sorted(os.listdir(out)) == ["index.json", "sa_000000"] and s["partitions_resumed"] == 1
+    with tarfile.open(tars[0]) as t:
+        first = {os.path.basename(n)[:-4] for n in t.getnames() if n.endswith(".jpg")}
+    assert samples(out) and set(samples(out)) <= first
+
+
 def test_sam_tar_member_edge_cases(tmp_path):
     """A JPEG whose JSON comes first, a second copy of a JPEG, a JPEG without JSON (written, unchecked as a file
     would be), a JSON without JPEG, directories and other files: each handled as the extracted path handles it."""

@@ -399,12 +399,15 @@ def run(kind: str, out: str, partitions: list[Partition], plan_skips: list[Skip]
         raise ValueError(f"two partitions would share the directory {dup[0]!r}")
     os.makedirs(out, exist_ok=True)
 
-    # Drop stale partitions from an earlier plan so the merged index only holds what this plan produced.
+    # Drop stale partitions from an earlier plan so the merged index only holds what this plan produced, and say so:
+    # a rerun that lists fewer archives removes the others' finished work.
     keep = set(names)
-    for entry in os.listdir(out):
-        p = os.path.join(out, entry)
-        if os.path.isdir(p) and entry not in keep and os.path.isfile(os.path.join(p, SUMMARY_FILE)):
-            shutil.rmtree(p)
+    stale = sorted(e for e in os.listdir(out) if e not in keep and os.path.isfile(os.path.join(out, e, SUMMARY_FILE)))
+    if stale:
+        print(f"note: removing {len(stale)} partition(s) of an earlier run that this one no longer lists from {out}: "
+              f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}", flush=True)
+    for entry in stale:
+        shutil.rmtree(os.path.join(out, entry))
 
     streamed = any(p.source is not None for p in partitions)
     seen = SeenIds(os.path.join(staging_root(out), "seen.sqlite")) if streamed else None
