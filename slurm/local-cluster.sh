@@ -45,6 +45,7 @@ done
 unset _fd
 
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+REPO=$(dirname "$(dirname "$SELF")")  # the checkout this script belongs to
 SCRATCH=${PIXART_SLURM_DIR:-/var/tmp/pixart-ds-slurm}
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 TIMEOUT=${PIXART_SLURM_TIMEOUT:-90}      # seconds to wait for the nodes to become idle
@@ -223,12 +224,11 @@ host_repo_file() { echo "$SCRATCH/hosts.d/$1.checkout"; }   # the checkout host 
 repo_id() { echo "$1 $(stat -c %d:%i "$1")"; }  # a clone removed and made again at one path is another checkout
 
 start_host() {
-    local name=$1 repo
-    repo=$(dirname "$(dirname "$SELF")")
+    local name=$1
     if host_alive "$name"; then
         # A host started from another checkout may not see this one (a clone under /tmp is bound in at start).
-        [[ $(cat "$(host_repo_file "$name")" 2>/dev/null) == "$(repo_id "$repo")" ]] && return 0
-        log "host $name was started from another checkout: restarting it for $repo"
+        [[ $(cat "$(host_repo_file "$name")" 2>/dev/null) == "$(repo_id "$REPO")" ]] && return 0
+        log "host $name was started from another checkout: restarting it for $REPO"
         stop_host "$name"
     fi
     mkdir -p "$SCRATCH/hosts.d" "$SCRATCH/spool/$name" "$SCRATCH/log"
@@ -239,7 +239,7 @@ start_host() {
         --propagation private bash "$SELF" _host-init "$name" </dev/null >>"$SCRATCH/log/host-$name.log" 2>&1 &
     local pid=$!
     echo $pid >"$(holder_pidfile "$name")"
-    repo_id "$repo" >"$(host_repo_file "$name")"
+    repo_id "$REPO" >"$(host_repo_file "$name")"
     # setsid and nsenter exec into unshare: wait for it (host_alive checks the command name) or for a failure.
     for _ in $(seq 100); do
         host_alive "$name" && return 0
@@ -251,21 +251,20 @@ start_host() {
 }
 
 host_init() {  # inside the new namespaces (PID 1 is this shell until it execs tini)
-    local name=$1 repo hold
+    local name=$1 hold
     hostname "$name"
     # The checkout is on the shared filesystem of a real cluster: a checkout that lives under /tmp (a CI clone)
     # stays visible at its own path on the host, held aside while the host's fresh /tmp is mounted.
-    repo=$(dirname "$(dirname "$SELF")")
     hold=""
-    if [[ $repo == /tmp/* ]]; then
+    if [[ $REPO == /tmp/* ]]; then
         hold="$SCRATCH/hosts.d/$name.repo"
         mkdir -p "$hold"
-        mount --bind "$repo" "$hold"
+        mount --bind "$REPO" "$hold"
     fi
     mount -t tmpfs -o mode=1777 tmpfs /tmp
     if [[ -n $hold ]]; then
-        mkdir -p "$repo"
-        mount --bind "$hold" "$repo"
+        mkdir -p "$REPO"
+        mount --bind "$hold" "$REPO"
         umount "$hold"
     fi
     mount -t tmpfs -o mode=1777 tmpfs /dev/shm
