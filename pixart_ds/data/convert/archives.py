@@ -23,6 +23,7 @@ import os
 import posixpath
 import tarfile
 import tempfile
+from abc import ABC, abstractmethod
 from typing import Iterator, Optional
 
 from pixart_ds.data.convert._engine import (ARCHIVE_ERRORS, BAD_ANNOTATION, DUPLICATE, MISSING_CAPTION,
@@ -135,7 +136,7 @@ def partition_names(archives: list[str]) -> list[str]:
             for a in archives]
 
 
-class _ArchiveSource:
+class _ArchiveSource(ABC):
     """What SA-1B and JourneyDB archives share: the fingerprint, the size hint, the caption join, error wrapping."""
 
     kind = ""
@@ -180,8 +181,9 @@ class _ArchiveSource:
         except ARCHIVE_ERRORS as e:
             raise ArchiveError(f"{self.path}: {type(e).__name__}: {e}") from None
 
+    @abstractmethod
     def _read(self, tar: tarfile.TarFile, scratch: str) -> Iterator[Member]:
-        raise NotImplementedError
+        """The images of one opened archive, as `Member`s (each archive layout reads its own members)."""
 
 
 class SamArchive(_ArchiveSource):
